@@ -1,0 +1,1 @@
+"""ExecuTorch side of ptq4ris: lowering to XNNPACK integer kernels, ``.pte`` export and runtime checks."""

@@ -1,0 +1,182 @@
+"""``ptq4ris``: one command line for the whole flow (data → model → evaluation; calibration and export follow).
+
+Each subcommand parses its arguments and calls the Python API by keyword; the logic lives in the modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_DATA_ROOT = "data"
+
+
+def _add_data_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write the ShapesRef benchmark in the refer layout",
+        description="Generate ShapesRef, a deterministic synthetic referring-segmentation benchmark, in the same "
+        "refer layout as RefCOCO (instances.json + refs(unc).p + images), so every later step runs the real "
+        "RefCOCO code path. Reuses an existing copy with the same seed and sizes.",
+    )
+    p.add_argument("--out", default=DEFAULT_DATA_ROOT, help="refer root to write into (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed; same seed, same data (default: %(default)s)")
+    p.add_argument("--splits", nargs="+", default=["val", "testA", "testB"],
+                   choices=["train", "val", "testA", "testB"],
+                   help="splits to write (default: the evaluation splits; add train to train a model)")
+    for split, default in (("train", 40000), ("val", 800), ("testA", 300), ("testB", 300)):
+        p.add_argument(f"--{split}-scenes", type=int, default=default,
+                       help=f"scenes in {split} (default: %(default)s; ~2.6 expressions per scene)")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering scenes (default: %(default)s)")
+    p.set_defaults(func=_run_data_synth)
+
+
+def _run_data_synth(args: argparse.Namespace) -> int:
+    from .data.shapesref import write_shapesref
+
+    counts = {s: getattr(args, f"{s}_scenes") for s in args.splits}
+    root = write_shapesref(args.out, seed=args.seed, split_scenes=counts, workers=args.workers, progress=True)
+    meta = json.loads((Path(root) / "shapesref" / "meta.json").read_text())
+    print(f"ShapesRef written to {root}: {meta['refs']} refs, expressions per kind {meta['expressions_per_kind']}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train lavt-tiny on ShapesRef (text encoder frozen)",
+        description="Train the embedded default model on ShapesRef's train split. Resumable: rerunning with the "
+        "same --out continues from its checkpoint. Writes OUT/lavt-tiny.safetensors (non-text weights), "
+        "OUT/training.json and OUT/train_log.jsonl.",
+    )
+    p.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help="refer root holding shapesref/ (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, weights, logs)")
+    p.add_argument("--steps", type=int, default=20000, help="optimiser steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this many minutes of training, annealing the learning rate to fit")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps (default: %(default)s)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data_root=args.data_root,
+        out_dir=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        save_every=args.save_every,
+        resume=not args.no_resume,
+    )
+    weights = train(cfg)
+    print(f"weights written to {weights}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="mIoU / oIoU / Prec@X of a model on a refer-layout split",
+        description="Evaluate LAVT on RefCOCO, RefCOCO+, RefCOCOg or ShapesRef with LAVT's protocol: every "
+        "sentence of every ref, IoU at the model resolution against the NEAREST-resized mask.",
+    )
+    p.add_argument("--model", default="lavt-tiny", help="registered model name: lavt-tiny or lavt-b (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None,
+                   help="official LAVT .pth or a .safetensors state dict; lavt-b needs it, lavt-tiny uses its "
+                   "embedded weights without it")
+    p.add_argument("--refer-root", default=DEFAULT_DATA_ROOT, help="folder holding <dataset>/ (default: %(default)s)")
+    p.add_argument("--dataset", default="shapesref", choices=["refcoco", "refcoco+", "refcocog", "shapesref"],
+                   help="(default: %(default)s)")
+    p.add_argument("--split-by", default="unc", choices=["unc", "umd", "google"], help="(default: %(default)s)")
+    p.add_argument("--split", default="val", help="train, val, testA, testB or test (default: %(default)s)")
+    p.add_argument("--image-dir", default=None,
+                   help="image folder (default: <refer-root>/images/mscoco/images/train2014, or "
+                   "<refer-root>/images/shapesref for ShapesRef)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--shuffled-expressions", action="store_true",
+                   help="control run: pair each image with another sample's expression")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.preprocess import Tokenizer
+    from .data.refer import ReferDataset
+    from .evaluate import evaluate, format_table
+    from .models.registry import build_model, text_encoder_dir
+
+    torch.manual_seed(0)
+    model = build_model(args.model, checkpoint=args.checkpoint)
+    cfg = model.config
+    tokenizer = Tokenizer(text_encoder_dir(), cfg.preprocess.max_tokens)
+    dataset = ReferDataset(
+        args.refer_root, args.dataset, args.split_by, args.split, tokenizer, cfg.swin.img_size, args.image_dir,
+        cfg.preprocess,
+    )
+    results = evaluate(
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        device=args.device,
+        shuffled_expressions=args.shuffled_expressions,
+        limit=args.limit,
+        progress=not args.json,
+    )
+    results.update(model=args.model, dataset=args.dataset, split_by=args.split_by, split=args.split)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(f"{args.model} on {args.dataset} ({args.split_by}) {args.split}")
+        print(format_table(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptq4ris",
+        description="PTQ4RIS for phones: referring image segmentation models (LAVT) quantized on the host and "
+        "exported for Android (ExecuTorch) and iPhone (Core ML). Start with `ptq4ris data synth` to write the "
+        "ShapesRef benchmark, then `ptq4ris evaluate` to score the embedded lavt-tiny model on it.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data = sub.add_parser("data", help="data sets: write ShapesRef", description="Data set tools.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    _add_data_synth(data_sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"ptq4ris: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""LAVT models: the paper's ``lavt-b`` and the embedded default ``lavt-tiny``."""
+
+from .checkpoint import CheckpointMismatchError, load_checkpoint
+from .config import DecoderConfig, LavtConfig, PreprocessConfig, PwamConfig, SwinConfig
+from .lavt import LAVT
+from .registry import build_model, list_models, model_config, text_encoder_dir
+
+__all__ = [
+    "LAVT",
+    "LavtConfig",
+    "SwinConfig",
+    "PwamConfig",
+    "DecoderConfig",
+    "PreprocessConfig",
+    "build_model",
+    "list_models",
+    "model_config",
+    "text_encoder_dir",
+    "load_checkpoint",
+    "CheckpointMismatchError",
+]
