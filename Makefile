@@ -1,0 +1,37 @@
+# ptq4ris: `make demo` runs the main job, `make test` the test suite. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= data
+
+.PHONY: setup demo test system-tools train-default clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# Main job (for now): write ShapesRef's evaluation splits and score the embedded lavt-tiny on val.
+demo: setup
+	$(BIN)/ptq4ris data synth --out $(DATA)
+	$(BIN)/ptq4ris evaluate --refer-root $(DATA) --dataset shapesref --split val
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Debian packages the device harness and the report tests use (qemu-user, the aarch64 cross compiler, adb,
+# kotlin, chromium). Needs root (or sudo).
+system-tools:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		qemu-user g++-aarch64-linux-gnu adb kotlin chromium chromium-driver cmake >/dev/null
+
+# Retrain the embedded default (minutes on a GPU, hours on a CPU; resumable: rerun to continue).
+train-default: setup
+	$(BIN)/ptq4ris data synth --out $(DATA) --splits train val --workers 4
+	$(BIN)/ptq4ris train --data-root $(DATA) --out runs/lavt-tiny --batch-size 256 --steps 5000
+
+clean:
+	rm -rf $(VENV) $(DATA) runs
