@@ -312,6 +312,11 @@ def test_reader_sample(shapes_root, tokenizer):
         assert target.shape == (SIZE, SIZE)
         assert np.array_equal(target, expected)
         assert set(np.unique(target)) == {0, 1}
+        # and it is the full-resolution mask sampled at pixel centres (up to rounding at a few pixels)
+        full = ds.coco.annToMask(ds.coco.anns[s.ann_id])
+        ys = ((np.arange(SIZE) + 0.5) * full.shape[0] / SIZE).astype(int)
+        xs = ((np.arange(SIZE) + 0.5) * full.shape[1] / SIZE).astype(int)
+        assert (target == full[ys][:, xs]).mean() > 0.99
 
         image = sample["image"]
         assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
