@@ -8,14 +8,11 @@ read them instead of retyping them.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-import torch
 from transformers import BertConfig
 
 from .checkpoint import load_checkpoint, load_lavt_tiny_weights, load_text_encoder_weights
@@ -23,8 +20,6 @@ from .config import LavtConfig, SwinConfig
 from .lavt import LAVT
 
 __all__ = ["build_model", "list_models", "model_config", "text_encoder_dir", "ModelCard"]
-
-logger = logging.getLogger(__name__)
 
 
 TEXT_ENCODER_ENV = "PTQ4RIS_TEXT_ENCODER"
