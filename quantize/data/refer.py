@@ -55,7 +55,8 @@ def load_refs(path: str | Path) -> list[dict[str, Any]]:
     try:
         with open(path, "rb") as f:
             refs = _PlainUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, OverflowError, MemoryError) as e:
+        # Corrupt length fields surface as OverflowError / MemoryError rather than UnpicklingError.
         raise ValueError(f"cannot read refs file {path}: {e}") from e
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise ValueError(f"refs file {path} must hold a list of dicts, got {type(refs).__name__}")

@@ -5,7 +5,8 @@ or colour, so that most objects need more than one word to be told apart. Each e
 
 - ``attribute``: colour / shape / size words (``the small red circle``);
 - ``location``: the object's place in the image (``the shape at the top left``, ``the square on the right``);
-- ``relation``: a spatial relation to another, uniquely described object (``the circle left of the blue square``);
+- ``relation``: a spatial relation to another, uniquely described object (``the circle left of the blue square``),
+  read on the grid: "left of"/"right of" mean in the same row, "above"/"below" in the same column;
 - ``ordinal``: a superlative or ordinal among objects of one description (``the leftmost triangle``,
   ``the second shape from the left``, ``the biggest green object``).
 
