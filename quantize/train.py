@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .data.preprocess import Tokenizer, load_image, normalize_image, resize_image, resize_mask
 from .data.refer import ReferDataset
-from .models.checkpoint import save_state_dict
+from .models.checkpoint import load_state_dict_checked, save_state_dict
 from .models.registry import build_model, text_encoder_dir
 
 __all__ = ["TrainConfig", "train", "preload_split"]
@@ -132,7 +132,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     ckpt_path = out / "checkpoint.pt"
     if cfg.resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"], strict=False)
+        load_state_dict_checked(model, ckpt["model"], str(ckpt_path), ignore_missing="text_encoder.")
         opt.load_state_dict(ckpt["optimizer"])
         sampler.set_state(ckpt["sampler"])
         step, elapsed_before = int(ckpt["step"]), float(ckpt["elapsed"])

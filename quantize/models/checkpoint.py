@@ -27,6 +27,7 @@ __all__ = [
     "load_checkpoint",
     "load_text_encoder_weights",
     "load_lavt_tiny_weights",
+    "load_state_dict_checked",
     "save_state_dict",
     "EMBEDDED_WEIGHTS",
 ]
@@ -89,7 +90,11 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, object], model: nn.Module) -> 
     return out
 
 
-def _check_and_load(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, ignore_missing: str = "") -> None:
+def load_state_dict_checked(
+    module: nn.Module, state: Mapping[str, torch.Tensor], source: str, ignore_missing: str = ""
+) -> None:
+    """``load_state_dict`` that lists every missing, unexpected and mis-shaped key before loading anything; keys under
+    ``ignore_missing`` may be absent."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state and not (ignore_missing and k.startswith(ignore_missing))]
     unexpected = [k for k in state if k not in expected]
@@ -115,13 +120,13 @@ def load_checkpoint(model: nn.Module, path: str | Path, optional_prefix: str = "
     own package); every other key must match.
     """
     path = Path(path)
-    _check_and_load(model, checkpoint_filter_fn(_read_file(path), model), str(path), ignore_missing=optional_prefix)
+    load_state_dict_checked(model, checkpoint_filter_fn(_read_file(path), model), str(path), ignore_missing=optional_prefix)
 
 
 def load_text_encoder_weights(text_encoder: nn.Module, model_dir: str | Path) -> None:
     """Load a transformers ``BertModel`` directory (``model.safetensors``) into our own BERT module."""
     path = Path(model_dir) / "model.safetensors"
-    _check_and_load(text_encoder, checkpoint_filter_fn(_read_file(path), text_encoder), str(path))
+    load_state_dict_checked(text_encoder, checkpoint_filter_fn(_read_file(path), text_encoder), str(path))
 
 
 def load_lavt_tiny_weights(model: nn.Module, path: str | Path | None = None) -> None:
