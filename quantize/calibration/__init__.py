@@ -1,0 +1,1 @@
+"""PTQ4RIS calibration: quantizer primitives (``primitives``); placement, scale search and recipes follow."""
