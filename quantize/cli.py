@@ -117,14 +117,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from .data.preprocess import Tokenizer
     from .data.refer import ReferDataset
     from .evaluate import evaluate, format_table
     from .models.registry import build_model, text_encoder_dir
 
-    torch.manual_seed(0)
     model = build_model(args.model, checkpoint=args.checkpoint)
     cfg = model.config
     tokenizer = Tokenizer(text_encoder_dir(), cfg.preprocess.max_tokens)

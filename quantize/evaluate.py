@@ -25,8 +25,8 @@ class _ShuffledExpressions(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = dict(self.base[i])
-        other = self.base[(i + len(self.base) // 2) % len(self.base)]
-        item["input_ids"], item["attention_mask"] = other["input_ids"], other["attention_mask"]
+        other = self.base.samples[(i + len(self.base) // 2) % len(self.base)]
+        item["input_ids"], item["attention_mask"] = self.base.tokenizer(other.sentence)
         return item
 
 

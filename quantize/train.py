@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data.preprocess import Tokenizer, load_image, normalize_image, resize_image, resize_mask
+from .data.preprocess import Tokenizer, normalize_image
 from .data.refer import ReferDataset
 from .models.checkpoint import load_state_dict_checked, save_state_dict
 from .models.registry import build_model, text_encoder_dir
@@ -53,7 +53,6 @@ class TrainConfig:
 
 def preload_split(dataset: ReferDataset, progress: bool = False) -> dict[str, torch.Tensor]:
     """Decode one split into tensors: uint8 images and masks, token ids, and per-pair indices into them."""
-    size = dataset.image_size
     image_ids = sorted({s.image_id for s in dataset.samples})
     ann_ids = sorted({s.ann_id for s in dataset.samples})
     img_pos = {i: k for k, i in enumerate(image_ids)}
@@ -63,13 +62,8 @@ def preload_split(dataset: ReferDataset, progress: bool = False) -> dict[str, to
         from tqdm import tqdm
 
         iterator = tqdm(image_ids, desc="decode images", unit="img")
-    images = torch.empty(len(image_ids), 3, size, size, dtype=torch.uint8)
-    for k, image_id in enumerate(iterator):
-        pixels = resize_image(load_image(dataset.image_dir / dataset.coco.imgs[image_id]["file_name"]), size)
-        images[k] = torch.from_numpy(pixels).permute(2, 0, 1)
-    masks = torch.empty(len(ann_ids), size, size, dtype=torch.uint8)
-    for k, ann_id in enumerate(ann_ids):
-        masks[k] = torch.from_numpy(resize_mask(dataset.coco.annToMask(dataset.coco.anns[ann_id]), size))
+    images = torch.stack([dataset.pixels(i) for i in iterator])
+    masks = torch.stack([dataset.target(a) for a in ann_ids])
     input_ids, attention_mask = dataset.tokenizer.batch([s.sentence for s in dataset.samples])
     return {
         "images": images,

@@ -25,7 +25,7 @@ import torch
 from pycocotools.coco import COCO
 
 from ..models.config import PreprocessConfig
-from .preprocess import Tokenizer, image_to_tensor, load_image, resize_mask
+from .preprocess import Tokenizer, load_image, normalize_image, resize_image, resize_mask
 
 __all__ = ["load_refs", "ReferDataset", "RefSample", "DATASET_SPLITS", "default_image_dir"]
 
@@ -148,17 +148,19 @@ class ReferDataset(torch.utils.data.Dataset):
                         str(sent.get("kind", "")),
                     )
                 )
-        self._image = lru_cache(maxsize=8)(self._load_image)
-        self._mask = lru_cache(maxsize=32)(self._load_mask)
+        self._pixels = lru_cache(maxsize=8)(self.pixels)
+        self._target = lru_cache(maxsize=32)(self.target)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load_image(self, image_id: int) -> torch.Tensor:
+    def pixels(self, image_id: int) -> torch.Tensor:
+        """The image resized to the model size, (3, S, S) uint8."""
         info = self.coco.imgs[image_id]
-        return image_to_tensor(load_image(self.image_dir / info["file_name"]), self.image_size, self.preprocess)
+        return torch.from_numpy(resize_image(load_image(self.image_dir / info["file_name"]), self.image_size)).permute(2, 0, 1)
 
-    def _load_mask(self, ann_id: int) -> torch.Tensor:
+    def target(self, ann_id: int) -> torch.Tensor:
+        """The referred object's mask, NEAREST-resized to the model size, (S, S) uint8 in {0, 1}."""
         mask = self.coco.annToMask(self.coco.anns[ann_id])
         return torch.from_numpy(resize_mask(mask, self.image_size))
 
@@ -166,9 +168,9 @@ class ReferDataset(torch.utils.data.Dataset):
         s = self.samples[index]
         input_ids, attention_mask = self.tokenizer(s.sentence)
         return {
-            "image": self._image(s.image_id),
+            "image": normalize_image(self._pixels(s.image_id), self.preprocess),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "target": self._mask(s.ann_id),
+            "target": self._target(s.ann_id),
             "index": index,
         }

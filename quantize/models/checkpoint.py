@@ -26,7 +26,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "load_checkpoint",
     "load_text_encoder_weights",
-    "load_lavt_tiny_weights",
+    "load_embedded_weights",
     "load_state_dict_checked",
     "save_state_dict",
     "EMBEDDED_WEIGHTS",
@@ -129,9 +129,9 @@ def load_text_encoder_weights(text_encoder: nn.Module, model_dir: str | Path) ->
     load_state_dict_checked(text_encoder, checkpoint_filter_fn(_read_file(path), text_encoder), str(path))
 
 
-def load_lavt_tiny_weights(model: nn.Module, path: str | Path | None = None) -> None:
-    """Load the non-text weights of ``lavt-tiny`` (embedded in the package by default); the text encoder comes from
-    its own package."""
+def load_embedded_weights(model: nn.Module, path: str | Path | None = None) -> None:
+    """Load the non-text weights of ``lavt-tiny`` embedded in the package; the text encoder comes from its own
+    package."""
     if path is None:
         path = Path(str(resources.files("quantize.models") / "weights" / EMBEDDED_WEIGHTS))
     load_checkpoint(model, path, optional_prefix="text_encoder.")

