@@ -172,7 +172,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             with torch.no_grad():
                 feats = model.encode_text(ids, am)
-            logits = model.forward_with_text_features(images, feats.float() if not use_bf16 else feats, am)
+            logits = model.forward_with_text_features(images, feats, am)
             loss = F.cross_entropy(logits.float(), target) + _dice_loss(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -17,17 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .uniform import qrange
+from .uniform import UniformSpec, minmax_qparams, qrange
 
 __all__ = ["RorqTiers", "calibrate_tiers", "channel_group_order", "ChannelGroups", "calibrate_channel_groups"]
 
 
-def _asym_grid(lo: float, hi: float, bits: int) -> tuple[float, float]:
-    qmin, qmax = qrange(bits, symmetric=False)
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / (qmax - qmin), 1e-8)
-    zero_point = float(min(max(qmin - round(lo / scale), qmin), qmax))
-    return scale, zero_point
+def _asym_grid(values: torch.Tensor, bits: int) -> tuple[float, float]:
+    """(scale, zero point) of the asymmetric min-max grid over ``values`` (an empty tier gets a grid around 0)."""
+    if values.numel() == 0:
+        values = torch.zeros(1)
+    scale, zero_point = minmax_qparams(values, UniformSpec(bits, symmetric=False))
+    return float(scale), float(zero_point)
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,7 @@ def calibrate_tiers(x: torch.Tensor, bits: int, max_tiers: int = 10, k_sigma: fl
     grids = []
     for lo_t, hi_t in zip(bounds[:-1], bounds[1:]):
         sel = values[(mags > lo_t) & (mags <= hi_t)] if lo_t > 0 else values[mags <= hi_t]
-        lo, hi = (float(sel.min()), float(sel.max())) if sel.numel() else (0.0, 0.0)
-        grids.append(_asym_grid(lo, hi, bits))
+        grids.append(_asym_grid(sel, bits))
     return RorqTiers(bits, tuple(thresholds), tuple(grids))
 
 
@@ -120,5 +119,5 @@ def calibrate_channel_groups(x: torch.Tensor, bits: int, groups: int) -> Channel
     grids = []
     for g in range(groups):
         block = flat[:, perm[g * size : (g + 1) * size]]
-        grids.append(_asym_grid(float(block.min()), float(block.max()), bits))
+        grids.append(_asym_grid(block, bits))
     return ChannelGroups(bits, tuple(perm.tolist()), size, tuple(grids))
