@@ -26,12 +26,20 @@ def _add_data_synth(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default=DEFAULT_DATA_ROOT, help="refer root to write into (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="generator seed; same seed, same data (default: %(default)s)")
-    p.add_argument("--splits", nargs="+", default=["val", "testA", "testB"],
-                   choices=["train", "val", "testA", "testB"],
-                   help="splits to write (default: the evaluation splits; add train to train a model)")
+    p.add_argument(
+        "--splits",
+        nargs="+",
+        default=["val", "testA", "testB"],
+        choices=["train", "val", "testA", "testB"],
+        help="splits to write (default: the evaluation splits; add train to train a model)",
+    )
     for split, default in (("train", 40000), ("val", 800), ("testA", 300), ("testB", 300)):
-        p.add_argument(f"--{split}-scenes", type=int, default=default,
-                       help=f"scenes in {split} (default: %(default)s; ~2.6 expressions per scene)")
+        p.add_argument(
+            f"--{split}-scenes",
+            type=int,
+            default=default,
+            help=f"scenes in {split} (default: %(default)s; ~2.6 expressions per scene)",
+        )
     p.add_argument("--workers", type=int, default=1, help="processes rendering scenes (default: %(default)s)")
     p.set_defaults(func=_run_data_synth)
 
@@ -54,15 +62,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "same --out continues from its checkpoint. Writes OUT/lavt-tiny.safetensors (non-text weights), "
         "OUT/training.json and OUT/train_log.jsonl.",
     )
-    p.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help="refer root holding shapesref/ (default: %(default)s)")
+    p.add_argument(
+        "--data-root", default=DEFAULT_DATA_ROOT, help="refer root holding shapesref/ (default: %(default)s)"
+    )
     p.add_argument("--out", required=True, help="output folder (checkpoints, weights, logs)")
     p.add_argument("--steps", type=int, default=20000, help="optimiser steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop after this many minutes of training, annealing the learning rate to fit")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after this many minutes of training, annealing the learning rate to fit",
+    )
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps (default: %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     p.set_defaults(func=_run_train)
@@ -95,23 +109,38 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Evaluate LAVT on RefCOCO, RefCOCO+, RefCOCOg or ShapesRef with LAVT's protocol: every "
         "sentence of every ref, IoU at the model resolution against the NEAREST-resized mask.",
     )
-    p.add_argument("--model", default="lavt-tiny", help="registered model name: lavt-tiny or lavt-b (default: %(default)s)")
-    p.add_argument("--checkpoint", default=None,
-                   help="official LAVT .pth or a .safetensors state dict; lavt-b needs it, lavt-tiny uses its "
-                   "embedded weights without it")
+    p.add_argument(
+        "--model", default="lavt-tiny", help="registered model name: lavt-tiny or lavt-b (default: %(default)s)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="official LAVT .pth or a .safetensors state dict; lavt-b needs it, lavt-tiny uses its "
+        "embedded weights without it",
+    )
     p.add_argument("--refer-root", default=DEFAULT_DATA_ROOT, help="folder holding <dataset>/ (default: %(default)s)")
-    p.add_argument("--dataset", default="shapesref", choices=["refcoco", "refcoco+", "refcocog", "shapesref"],
-                   help="(default: %(default)s)")
+    p.add_argument(
+        "--dataset",
+        default="shapesref",
+        choices=["refcoco", "refcoco+", "refcocog", "shapesref"],
+        help="(default: %(default)s)",
+    )
     p.add_argument("--split-by", default="unc", choices=["unc", "umd", "google"], help="(default: %(default)s)")
     p.add_argument("--split", default="val", help="train, val, testA, testB or test (default: %(default)s)")
-    p.add_argument("--image-dir", default=None,
-                   help="image folder (default: <refer-root>/images/mscoco/images/train2014, or "
-                   "<refer-root>/images/shapesref for ShapesRef)")
+    p.add_argument(
+        "--image-dir",
+        default=None,
+        help="image folder (default: <refer-root>/images/mscoco/images/train2014, or "
+        "<refer-root>/images/shapesref for ShapesRef)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="(default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
-    p.add_argument("--shuffled-expressions", action="store_true",
-                   help="control run: pair each image with another sample's expression")
+    p.add_argument(
+        "--shuffled-expressions",
+        action="store_true",
+        help="control run: pair each image with another sample's expression",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_run_evaluate)
 
@@ -126,7 +155,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     cfg = model.config
     tokenizer = Tokenizer(text_encoder_dir(), cfg.preprocess.max_tokens)
     dataset = ReferDataset(
-        args.refer_root, args.dataset, args.split_by, args.split, tokenizer, cfg.swin.img_size, args.image_dir,
+        args.refer_root,
+        args.dataset,
+        args.split_by,
+        args.split,
+        tokenizer,
+        cfg.swin.img_size,
+        args.image_dir,
         cfg.preprocess,
     )
     results = evaluate(

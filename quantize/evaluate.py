@@ -60,9 +60,7 @@ def evaluate(
         bar = tqdm(total=len(data), desc="evaluate", unit="pair")
     start = time.perf_counter()
     for batch in loader:
-        logits = model(
-            batch["image"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        )
+        logits = model(batch["image"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
         kinds = [dataset.samples[i].kind for i in batch["index"].tolist()]
         metrics.update(logits.argmax(1).cpu(), batch["target"], kinds)
         if bar is not None:
@@ -80,7 +78,8 @@ def format_table(results: dict[str, Any]) -> str:
     """A plain-text table of one evaluation result."""
     lines = [
         f"pairs {results['pairs']}",
-        f"{'mIoU':>8} {'oIoU':>8} " + " ".join(f"{'P@' + k.split('@')[1]:>7}" for k in results if k.startswith("Prec@")),
+        f"{'mIoU':>8} {'oIoU':>8} "
+        + " ".join(f"{'P@' + k.split('@')[1]:>7}" for k in results if k.startswith("Prec@")),
         f"{results['mIoU']:8.2f} {results['oIoU']:8.2f} "
         + " ".join(f"{v:7.2f}" for k, v in results.items() if k.startswith("Prec@")),
     ]

@@ -15,7 +15,15 @@ from PIL import Image, UnidentifiedImageError
 
 from ..models.config import PreprocessConfig
 
-__all__ = ["load_image", "resize_image", "normalize_image", "image_to_tensor", "resize_mask", "Tokenizer", "ExpressionError"]
+__all__ = [
+    "load_image",
+    "resize_image",
+    "normalize_image",
+    "image_to_tensor",
+    "resize_mask",
+    "Tokenizer",
+    "ExpressionError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +61,9 @@ def normalize_image(pixels: torch.Tensor, cfg: PreprocessConfig = PreprocessConf
     return (pixels.float() / 255.0 - mean) / std
 
 
-def image_to_tensor(image: Image.Image | np.ndarray, size: int, cfg: PreprocessConfig = PreprocessConfig()) -> torch.Tensor:
+def image_to_tensor(
+    image: Image.Image | np.ndarray, size: int, cfg: PreprocessConfig = PreprocessConfig()
+) -> torch.Tensor:
     """RGB image (PIL or HWC uint8) -> normalised (3, size, size) float32."""
     return normalize_image(torch.from_numpy(resize_image(image, size)).permute(2, 0, 1), cfg)
 

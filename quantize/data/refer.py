@@ -157,7 +157,8 @@ class ReferDataset(torch.utils.data.Dataset):
     def pixels(self, image_id: int) -> torch.Tensor:
         """The image resized to the model size, (3, S, S) uint8."""
         info = self.coco.imgs[image_id]
-        return torch.from_numpy(resize_image(load_image(self.image_dir / info["file_name"]), self.image_size)).permute(2, 0, 1)
+        pixels = resize_image(load_image(self.image_dir / info["file_name"]), self.image_size)
+        return torch.from_numpy(pixels).permute(2, 0, 1)
 
     def target(self, ann_id: int) -> torch.Tensor:
         """The referred object's mask, NEAREST-resized to the model size, (S, S) uint8 in {0, 1}."""

@@ -393,7 +393,13 @@ def write_shapesref(
                         sent_id += 1
                         counts[e.kind] += 1
                         sentences.append(
-                            {"raw": e.text, "sent": e.text, "sent_id": sent_id, "tokens": e.text.split(), "kind": e.kind}
+                            {
+                                "raw": e.text,
+                                "sent": e.text,
+                                "sent_id": sent_id,
+                                "tokens": e.text.split(),
+                                "kind": e.kind,
+                            }
                         )
                     refs.append(
                         {

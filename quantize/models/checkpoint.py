@@ -120,7 +120,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, optional_prefix: str = "
     own package); every other key must match.
     """
     path = Path(path)
-    load_state_dict_checked(model, checkpoint_filter_fn(_read_file(path), model), str(path), ignore_missing=optional_prefix)
+    load_state_dict_checked(
+        model, checkpoint_filter_fn(_read_file(path), model), str(path), ignore_missing=optional_prefix
+    )
 
 
 def load_text_encoder_weights(text_encoder: nn.Module, model_dir: str | Path) -> None:
@@ -137,7 +139,9 @@ def load_embedded_weights(model: nn.Module, path: str | Path | None = None) -> N
     load_checkpoint(model, path, optional_prefix="text_encoder.")
 
 
-def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_state_dict(
+    state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically (temporary name in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,9 +50,7 @@ def _lavt_b_config() -> LavtConfig:
 
 def _lavt_tiny_config() -> LavtConfig:
     text = BertConfig.from_pretrained(str(text_encoder_dir())).to_dict()
-    swin = SwinConfig(
-        img_size=128, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=8, ape=True
-    )
+    swin = SwinConfig(img_size=128, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=8, ape=True)
     return LavtConfig(swin=swin, text=text)
 
 

@@ -233,9 +233,7 @@ class MMBasicLayer(nn.Module):
         self.res_gate = LanguageGate(dim)
         self.downsample = PatchMerging(dim, res, s.layer_norm_eps) if stage < s.num_stages - 1 else None
 
-    def forward(
-        self, x: torch.Tensor, l: torch.Tensor, l_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, l: torch.Tensor, l_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (multi-modal feature of this stage (B, HW, C), input of the next stage)."""
         for blk in self.blocks:
             x = blk(x)
@@ -262,9 +260,7 @@ class MultiModalSwinTransformer(nn.Module):
         for i in range(s.num_stages):
             self.add_module(f"norm{i}", LayerNorm(s.stage_dim(i), eps=s.layer_norm_eps))
 
-    def forward_intermediates(
-        self, x: torch.Tensor, l: torch.Tensor, l_mask: torch.Tensor
-    ) -> list[torch.Tensor]:
+    def forward_intermediates(self, x: torch.Tensor, l: torch.Tensor, l_mask: torch.Tensor) -> list[torch.Tensor]:
         """
         Args:
             x: normalised images (B, 3, H, W) at the configured size.

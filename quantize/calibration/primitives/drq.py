@@ -49,9 +49,7 @@ def drq_softmax_fake_quant(x: torch.Tensor, bits: int, m: int) -> torch.Tensor:
     return torch.where(x >= split, hi, lo)
 
 
-def search_drq_softmax(
-    x: torch.Tensor, bits: int, objective=None, exponents: range = range(20)
-) -> tuple[int, float]:
+def search_drq_softmax(x: torch.Tensor, bits: int, objective=None, exponents: range = range(20)) -> tuple[int, float]:
     """The split exponent m minimising ``objective(x̂)`` (default: MSE to ``x``). Returns (m, its loss)."""
     objective = objective or (lambda xq: torch.mean((xq - x) ** 2).item())
     losses = [(objective(drq_softmax_fake_quant(x, bits, m)), m) for m in exponents]

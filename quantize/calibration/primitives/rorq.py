@@ -41,7 +41,9 @@ class RorqTiers:
 
     def __post_init__(self) -> None:
         if len(self.grids) != len(self.thresholds) + 1:
-            raise ValueError(f"{len(self.thresholds)} thresholds need {len(self.thresholds) + 1} grids, got {len(self.grids)}")
+            raise ValueError(
+                f"{len(self.thresholds)} thresholds need {len(self.thresholds) + 1} grids, got {len(self.grids)}"
+            )
 
     def tier_of(self, x: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(x.abs(), torch.tensor(self.thresholds, dtype=x.dtype, device=x.device))
@@ -100,7 +102,9 @@ class ChannelGroups:
         qmin, qmax = qrange(self.bits, symmetric=False)
         perm = torch.tensor(self.perm, device=x.device)
         xp = x[..., perm]
-        scale = torch.tensor([g[0] for g in self.grids], dtype=x.dtype, device=x.device).repeat_interleave(self.group_size)
+        scale = torch.tensor([g[0] for g in self.grids], dtype=x.dtype, device=x.device).repeat_interleave(
+            self.group_size
+        )
         zp = torch.tensor([g[1] for g in self.grids], dtype=x.dtype, device=x.device).repeat_interleave(self.group_size)
         q = torch.clamp(torch.round(xp / scale) + zp, qmin, qmax)
         out = torch.empty_like(x)
