@@ -7,15 +7,15 @@ from .registry import build_model, list_models, model_config, text_encoder_dir
 
 __all__ = [
     "LAVT",
-    "LavtConfig",
-    "SwinConfig",
-    "PwamConfig",
+    "CheckpointMismatchError",
     "DecoderConfig",
+    "LavtConfig",
     "PreprocessConfig",
+    "PwamConfig",
+    "SwinConfig",
     "build_model",
     "list_models",
+    "load_checkpoint",
     "model_config",
     "text_encoder_dir",
-    "load_checkpoint",
-    "CheckpointMismatchError",
 ]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import BertConfig
 
-from .layers import LayerNorm, batched_attention
+from .layers import BatchedAttention, LayerNorm
 
 __all__ = ["BertModel"]
 
@@ -54,6 +54,7 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.core = BatchedAttention()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
@@ -66,7 +67,7 @@ class BertSelfAttention(nn.Module):
         q = self._heads(self.query(hidden) * (1.0 / math.sqrt(self.head_dim)))
         k = self._heads(self.key(hidden))
         v = self._heads(self.value(hidden))
-        out = batched_attention(q, k, v, mask_bias, batch=B)  # B*heads, N, d
+        out = self.core(q, k, v, mask_bias, batch=B)  # B*heads, N, d
         return out.reshape(B, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B, N, C)
 
 

@@ -13,23 +13,23 @@ import argparse
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 __all__ = [
+    "EMBEDDED_WEIGHTS",
     "CheckpointMismatchError",
     "checkpoint_filter_fn",
     "load_checkpoint",
-    "load_text_encoder_weights",
     "load_embedded_weights",
     "load_state_dict_checked",
+    "load_text_encoder_weights",
     "save_state_dict",
-    "EMBEDDED_WEIGHTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, object], model: nn.Module) -> 
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointMismatchError(f"entry {key!r} is a {type(value).__name__}, not a tensor")
-        new_key = key[len("module.") :] if key.startswith("module.") else key
+        new_key = key.removeprefix("module.")
         if new_key != key:
             logger.warning("renamed %s -> %s", key, new_key)
         if new_key.endswith(_DROPPABLE_SUFFIXES) or new_key.startswith(_DROPPABLE_PREFIXES):

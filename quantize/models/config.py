@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import BertConfig
 
-__all__ = ["SwinConfig", "PwamConfig", "DecoderConfig", "PreprocessConfig", "LavtConfig"]
+__all__ = ["DecoderConfig", "LavtConfig", "PreprocessConfig", "PwamConfig", "SwinConfig"]
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -163,7 +163,7 @@ class LavtConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LavtConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LavtConfig:
         known = {"swin", "pwam", "decoder", "preprocess", "text"}
         unknown = set(data) - known
         if unknown:

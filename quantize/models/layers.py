@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "LayerNorm",
+    "BatchedAttention",
     "InstanceNorm1d",
+    "LayerNorm",
+    "MatMul",
+    "batched_attention",
     "cyclic_shift",
     "window_partition",
     "window_reverse",
-    "batched_attention",
 ]
 
 
@@ -85,7 +87,13 @@ def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> t
 
 
 def batched_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None, batch: int = 1
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    batch: int = 1,
+    qk: nn.Module | None = None,
+    pv: nn.Module | None = None,
 ) -> torch.Tensor:
     """softmax(q @ kᵀ + bias) @ v with 3-D ``bmm`` (XNNPACK has no 4-D broadcast matmul).
 
@@ -98,12 +106,37 @@ def batched_attention(
         v: (batch*G, M, dv).
         bias: additive, broadcastable to (batch, G*N, M): e.g. (batch, 1, M) for a padding mask, or (G*N, M).
         batch: leading size of the bias view.
+        qk, pv: modules computing the two batched matmuls (default ``torch.bmm``).
     Returns:
         (batch*G, N, dv).
     """
     BG, N, M = q.shape[0], q.shape[1], k.shape[1]
-    attn = torch.bmm(q, k.transpose(1, 2))
+    attn = (qk or torch.bmm)(q, k.transpose(1, 2))
     if bias is not None:
         attn = (attn.reshape(batch, -1, M) + bias).reshape(BG, N, M)
     attn = F.softmax(attn, dim=-1)
-    return torch.bmm(attn, v)
+    return (pv or torch.bmm)(attn, v)
+
+
+class MatMul(nn.Module):
+    """``torch.bmm`` as a named module, so that quantizers can be attached to the attention matmuls of a model."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, b)
+
+
+class BatchedAttention(nn.Module):
+    """:func:`batched_attention` with its two matmuls as submodules ``qk`` (q @ kᵀ) and ``pv`` (probs @ v).
+
+    Parameter-free: adding it to a module leaves the state dict unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk = MatMul()
+        self.pv = MatMul()
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None, batch: int = 1
+    ) -> torch.Tensor:
+        return batched_attention(q, k, v, bias, batch, qk=self.qk, pv=self.pv)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import InstanceNorm1d, batched_attention
+from .layers import BatchedAttention, InstanceNorm1d
 
-__all__ = ["SpatialImageLanguageAttention", "PWAM", "LanguageGate"]
+__all__ = ["PWAM", "LanguageGate", "SpatialImageLanguageAttention"]
 
 
 class SpatialImageLanguageAttention(nn.Module):
@@ -48,6 +48,7 @@ class SpatialImageLanguageAttention(nn.Module):
         self.W = nn.Sequential(
             nn.Conv1d(value_channels, out_channels, kernel_size=1, stride=1), InstanceNorm1d(out_channels, eps=eps)
         )
+        self.core = BatchedAttention()
 
     def forward(self, x: torch.Tensor, l: torch.Tensor, l_mask: torch.Tensor) -> torch.Tensor:
         """
@@ -72,7 +73,7 @@ class SpatialImageLanguageAttention(nn.Module):
         key = key.reshape(B * h, dk, n_l).transpose(1, 2)  # B*h, N, dk
         value = value.reshape(B * h, dv, n_l).transpose(1, 2)  # B*h, N, dv
         bias = self.mask_value * l_mask - self.mask_value  # B, 1, N
-        out = batched_attention(query, key, value, bias, batch=B)  # B*h, HW, dv
+        out = self.core(query, key, value, bias, batch=B)  # B*h, HW, dv
         out = out.reshape(B, h, HW, dv).permute(0, 1, 3, 2).reshape(B, self.value_channels, HW)
         return self.W(out).transpose(1, 2)  # B, HW, C_out
 

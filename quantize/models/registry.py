@@ -9,17 +9,21 @@ read them instead of retyping them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from transformers import BertConfig
 
-from .checkpoint import load_checkpoint, load_embedded_weights, load_text_encoder_weights
+from .checkpoint import (
+    load_checkpoint,
+    load_embedded_weights,
+    load_text_encoder_weights,
+)
 from .config import LavtConfig, SwinConfig
 from .lavt import LAVT
 
-__all__ = ["build_model", "list_models", "model_config", "text_encoder_dir", "ModelCard"]
+__all__ = ["ModelCard", "build_model", "list_models", "model_config", "text_encoder_dir"]
 
 
 TEXT_ENCODER_ENV = "PTQ4RIS_TEXT_ENCODER"

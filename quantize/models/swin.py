@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LavtConfig, SwinConfig
-from .layers import LayerNorm, batched_attention, cyclic_shift, window_partition, window_reverse
+from .layers import (
+    BatchedAttention,
+    LayerNorm,
+    cyclic_shift,
+    window_partition,
+    window_reverse,
+)
 from .pwam import PWAM, LanguageGate
 
 __all__ = ["MultiModalSwinTransformer"]
@@ -71,6 +77,7 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window_size))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.core = BatchedAttention()
 
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, ws², ws²)."""
@@ -100,7 +107,7 @@ class WindowAttention(nn.Module):
             bias = mask[:, None] + bias[None]  # nW, h, N, N
         # (nW*)h*N, N: shared by every image of the batch, broadcast over it without an expand.
         bias = bias.reshape(-1, N)
-        out = batched_attention(q, k, v, bias, batch=B_ * h * N // bias.shape[0])  # B_*h, N, d
+        out = self.core(q, k, v, bias, batch=B_ * h * N // bias.shape[0])  # B_*h, N, d
         out = out.reshape(B_, h, N, d).transpose(1, 2).reshape(B_, N, C)
         return self.proj(out)
 
