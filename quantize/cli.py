@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 DEFAULT_DATA_ROOT = "data"
 
@@ -118,21 +118,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="official LAVT .pth or a .safetensors state dict; lavt-b needs it, lavt-tiny uses its "
         "embedded weights without it",
     )
-    p.add_argument("--refer-root", default=DEFAULT_DATA_ROOT, help="folder holding <dataset>/ (default: %(default)s)")
     p.add_argument(
-        "--dataset",
-        default="shapesref",
-        choices=["refcoco", "refcoco+", "refcocog", "shapesref"],
-        help="(default: %(default)s)",
-    )
-    p.add_argument("--split-by", default="unc", choices=["unc", "umd", "google"], help="(default: %(default)s)")
-    p.add_argument("--split", default="val", help="train, val, testA, testB or test (default: %(default)s)")
-    p.add_argument(
-        "--image-dir",
+        "--quantized",
         default=None,
-        help="image folder (default: <refer-root>/images/mscoco/images/train2014, or "
-        "<refer-root>/images/shapesref for ShapesRef)",
+        metavar="DIR",
+        help="evaluate the calibrated model of `ptq4ris calibrate --out DIR` (its simulated, fake-quantized form) "
+        "instead of --model/--checkpoint",
     )
+    _add_data_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="(default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
@@ -145,16 +138,36 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_evaluate)
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
+def _add_data_args(p: argparse.ArgumentParser, split_flag: str = "--split", split_default: str = "val") -> None:
+    p.add_argument("--refer-root", default=DEFAULT_DATA_ROOT, help="folder holding <dataset>/ (default: %(default)s)")
+    p.add_argument(
+        "--dataset",
+        default="shapesref",
+        choices=["refcoco", "refcoco+", "refcocog", "shapesref"],
+        help="(default: %(default)s)",
+    )
+    p.add_argument("--split-by", default="unc", choices=["unc", "umd", "google"], help="(default: %(default)s)")
+    p.add_argument(
+        split_flag,
+        dest="split",
+        default=split_default,
+        help="train, val, testA, testB or test (default: %(default)s)",
+    )
+    p.add_argument(
+        "--image-dir",
+        default=None,
+        help="image folder (default: <refer-root>/images/mscoco/images/train2014, or "
+        "<refer-root>/images/shapesref for ShapesRef)",
+    )
+
+
+def _dataset(args: argparse.Namespace, cfg):
     from .data.preprocess import Tokenizer
     from .data.refer import ReferDataset
-    from .evaluate import evaluate, format_table
-    from .models.registry import build_model, text_encoder_dir
+    from .models.registry import text_encoder_dir
 
-    model = build_model(args.model, checkpoint=args.checkpoint)
-    cfg = model.config
     tokenizer = Tokenizer(text_encoder_dir(), cfg.preprocess.max_tokens)
-    dataset = ReferDataset(
+    return ReferDataset(
         args.refer_root,
         args.dataset,
         args.split_by,
@@ -164,6 +177,22 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.image_dir,
         cfg.preprocess,
     )
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table
+
+    if args.quantized:
+        from .calibration.artifact import load_quantized
+
+        model, recipe, _ = load_quantized(args.quantized)
+        label = f"{args.quantized} ({recipe.method} {recipe.bits}, simulated)"
+    else:
+        from .models.registry import build_model
+
+        model = build_model(args.model, checkpoint=args.checkpoint)
+        label = args.model
+    dataset = _dataset(args, model.config)
     results = evaluate(
         model,
         dataset,
@@ -173,12 +202,91 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         limit=args.limit,
         progress=not args.json,
     )
-    results.update(model=args.model, dataset=args.dataset, split_by=args.split_by, split=args.split)
+    results.update(model=label, dataset=args.dataset, split_by=args.split_by, split=args.split)
     if args.json:
         print(json.dumps(results))
     else:
-        print(f"{args.model} on {args.dataset} ({args.split_by}) {args.split}")
+        print(f"{label} on {args.dataset} ({args.split_by}) {args.split}")
         print(format_table(results))
+    return 0
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    from .calibration.recipe import BIT_SETTINGS, METHODS
+
+    p = sub.add_parser(
+        "calibrate",
+        help="post-training quantization: calibrate a model and write the quantized model folder",
+        description="Calibrate LAVT with PTQ4RIS (DRQ for post-softmax/post-GELU activations, RORQ for the text "
+        "encoder, Hessian-guided scale search) or a baseline, on 32 (image, expression) pairs: the first "
+        "expression of each of the first refs of --calib-split. Writes OUT/config.json, OUT/model.safetensors "
+        "and OUT/qparams.json, which `ptq4ris evaluate --quantized OUT` and the exporters reload. Methods: "
+        + "; ".join(f"{name}" for name in METHODS)
+        + ". The same seed and data give identical qparams.",
+    )
+    p.add_argument("--model", default="lavt-tiny", help="registered model name (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="official LAVT .pth or .safetensors (lavt-b needs it)")
+    p.add_argument(
+        "--bits", default="w8a8", choices=list(BIT_SETTINGS), help="weight/activation bits (default: %(default)s)"
+    )
+    p.add_argument("--method", default="ptq4ris", choices=list(METHODS), help="(default: %(default)s)")
+    p.add_argument(
+        "--pwam",
+        choices=["plain", "groups"],
+        default=None,
+        help="PWAM fusion treatment: one grid, or range-ordered channel groups (default: the method's)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=["hessian", "mse", "cosine"],
+        default=None,
+        help="scale-search objective for searched methods (default: hessian)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the quantized model into")
+    _add_data_args(p, "--calib-split", "train")
+    p.add_argument("--calib-size", type=int, default=32, help="calibration pairs, one per ref (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="row-sampling seed (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=32,
+        help="calibration pairs per forward/backward; lower it for lavt-b on a small GPU (default: %(default)s)",
+    )
+    p.set_defaults(func=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from .calibration.artifact import save_quantized
+    from .calibration.calibrate import calibrate, calibration_batch
+    from .calibration.recipe import make_recipe
+    from .models.registry import build_model
+
+    overrides = {"seed": args.seed}
+    if args.pwam:
+        overrides["pwam"] = args.pwam
+    recipe = make_recipe(args.method, args.bits, **overrides)
+    if args.objective and recipe.search != "none":
+        recipe = make_recipe(args.method, args.bits, **overrides, search=args.objective)
+    model = build_model(args.model, checkpoint=args.checkpoint)
+    batch = calibration_batch(_dataset(args, model.config), args.calib_size)
+    quantized, report = calibrate(model, recipe, batch, chunk_size=args.chunk_size, device=args.device, progress=True)
+    extra = {
+        "calibration": {
+            "dataset": args.dataset,
+            "split_by": args.split_by,
+            "split": args.split,
+            "pairs": len(batch),
+            "selection": batch.description,
+            "seconds": round(report.seconds, 2),
+            "folded": report.folded,
+        }
+    }
+    out = save_quantized(quantized.cpu(), recipe, args.out, args.model, extra)
+    print(
+        f"{recipe.method} {recipe.bits}: {report.sites} quantized layers calibrated in {report.seconds:.1f} s "
+        f"on {len(batch)} pairs of {args.dataset} {args.split}; written to {out}"
+    )
     return 0
 
 
@@ -187,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ptq4ris",
         description="PTQ4RIS for phones: referring image segmentation models (LAVT) quantized on the host and "
         "exported for Android (ExecuTorch) and iPhone (Core ML). Start with `ptq4ris data synth` to write the "
-        "ShapesRef benchmark, then `ptq4ris evaluate` to score the embedded lavt-tiny model on it.",
+        "ShapesRef benchmark, `ptq4ris evaluate` to score the embedded lavt-tiny model on it, and `ptq4ris "
+        "calibrate` to quantize it.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -196,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_synth(data_sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_calibrate(sub)
     return parser
 
 

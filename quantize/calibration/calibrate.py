@@ -1,0 +1,397 @@
+"""The calibration pass: float LAVT + calibration pairs + recipe → fake-quantized LAVT with tuned qparams.
+
+Steps (data flows one way):
+1. RORQ/PWAM channel groups: measure channel ranges on the float model and fold range-sorting permutations into the
+   weights (the float function is unchanged), so outlier channels share contiguous groups.
+2. Place the quantizers (:mod:`.placement`) and initialise them from the float model's activations (min-max or
+   percentile ranges, DRQ defaults, RORQ tiers and groups).
+3. Unless the recipe says ``search="none"``: for each block in data-flow order, switch that block's quantizers off,
+   keep every other layer quantized (searched ones with their searched grids, later ones with their initial grids),
+   run the calibration pairs forward and the KL between the float and this partially quantized model's class
+   distributions backward, record each layer's inputs and output gradients, and search the layer's grids
+   (:mod:`.search`). Quantizing the rest of the model is what makes the gradients informative: with everything
+   float the KL is at its minimum and its gradient is zero (the defect of the official code).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import folding
+from .placement import (
+    QuantConv1d,
+    QuantLinear,
+    QuantMatMul,
+    place_quantizers,
+    quantizers_of,
+)
+from .quantizers import DrqSoftmaxQuantizer, GroupQuantizer, TierQuantizer
+from .recipe import Recipe
+from .search import (
+    LinearCapture,
+    MatMulCapture,
+    init_activation,
+    search_linear,
+    search_matmul,
+)
+
+__all__ = ["CalibrationBatch", "CalibrationReport", "calibrate", "calibration_batch"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationBatch:
+    """The calibration pairs, stacked: images (P, 3, S, S), input_ids (P, N), attention_mask (P, N)."""
+
+    images: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    description: str = ""
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def chunks(self, size: int, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = []
+        for start in range(0, len(self), size):
+            sl = slice(start, start + size)
+            out.append((self.images[sl].to(device), self.input_ids[sl].to(device), self.attention_mask[sl].to(device)))
+        return out
+
+
+def calibration_batch(dataset, size: int = 32) -> CalibrationBatch:
+    """The first expression of each of the first ``size`` refs of ``dataset`` (a ReferDataset of one split) —
+    deterministic, so the same split gives the same pairs."""
+    if size < 1:
+        raise ValueError(f"calibration size must be positive, got {size}")
+    picked, seen = [], set()
+    for index, sample in enumerate(dataset.samples):
+        if sample.ref_id not in seen:
+            seen.add(sample.ref_id)
+            picked.append(index)
+            if len(picked) == size:
+                break
+    if len(picked) < size:
+        raise ValueError(f"the split has only {len(picked)} refs, fewer than the {size} calibration pairs asked for")
+    items = [dataset[i] for i in picked]
+    return CalibrationBatch(
+        torch.stack([it["image"] for it in items]),
+        torch.stack([it["input_ids"] for it in items]),
+        torch.stack([it["attention_mask"] for it in items]),
+        f"first expression of the first {size} refs",
+    )
+
+
+@dataclass
+class CalibrationReport:
+    recipe: Recipe
+    seconds: float = 0.0
+    blocks: int = 0
+    sites: int = 0
+    folded: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------- folding
+def _channel_ranges(model: nn.Module, batch: CalibrationBatch, names: dict[str, int], chunk: int, device):
+    """max |input| per channel of the named float modules (name → channel axis of their input)."""
+    ranges: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, axis in names.items():
+
+        def hook(mod, args, name=name, axis=axis):
+            x = args[0].detach()
+            r = x.abs().movedim(axis, -1).reshape(-1, x.shape[axis]).amax(0)
+            ranges[name] = r if name not in ranges else torch.maximum(ranges[name], r)
+
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for images, ids, mask in batch.chunks(chunk, device):
+            model(images, ids, mask)
+    for h in hooks:
+        h.remove()
+    return ranges
+
+
+def _fold_channel_orders(model: nn.Module, recipe: Recipe, batch: CalibrationBatch, chunk: int, device) -> dict:
+    """Fold range-sorting permutations for the channel-grouped quantizers the recipe uses."""
+    folded = {}
+    bert = model.text_encoder
+    layers = len(bert.encoder.layer)
+    stages = len(model.backbone.layers)
+    if recipe.text == "groups" or recipe.pwam == "groups":
+        hidden_inputs = {f"text_encoder.encoder.layer.{i}.attention.self.query": -1 for i in range(layers)}
+        hidden_inputs |= {f"text_encoder.encoder.layer.{i}.intermediate.dense": -1 for i in range(layers)}
+        hidden_inputs |= {f"backbone.layers.{s}.fusion.image_lang_att.f_key.0": 1 for s in range(stages)}
+        ranges = _channel_ranges(model, batch, hidden_inputs, chunk, device)
+        hidden = torch.stack(list(ranges.values())).amax(0)
+        folding.permute_text_hidden(model, torch.argsort(hidden.cpu(), stable=True))
+        folded["text_hidden"] = 1
+    if recipe.text == "groups":
+        names = {f"text_encoder.encoder.layer.{i}.output.dense": -1 for i in range(layers)}
+        names |= {f"text_encoder.encoder.layer.{i}.attention.output.dense": -1 for i in range(layers)}
+        ranges = _channel_ranges(model, batch, names, chunk, device)
+        heads = bert.config.num_attention_heads
+        for i in range(layers):
+            inter = ranges[f"text_encoder.encoder.layer.{i}.output.dense"].cpu()
+            folding.permute_bert_intermediate(model, i, torch.argsort(inter, stable=True))
+            context = ranges[f"text_encoder.encoder.layer.{i}.attention.output.dense"].cpu()
+            folding.permute_bert_context(model, i, folding.head_preserving_order(context, heads))
+        folded["text_intermediate"] = folded["text_context"] = layers
+    if recipe.pwam == "groups":
+        names = {f"backbone.layers.{s}.fusion.project_mm.0": 1 for s in range(stages)}
+        ranges = _channel_ranges(model, batch, names, chunk, device)
+        for s in range(stages):
+            order = torch.argsort(ranges[f"backbone.layers.{s}.fusion.project_mm.0"].cpu(), stable=True)
+            folding.permute_pwam_product(model, s, order)
+        folded["pwam_product"] = stages
+    return folded
+
+
+# ---------------------------------------------------------------------------------------------------- capture
+def _rows(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Linear/Conv input as matmul rows (im2col for 2-D convs), matching ``weight.reshape(C_out, -1)``."""
+    if isinstance(site, QuantLinear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(site, QuantConv1d):
+        return x.transpose(1, 2).reshape(-1, x.shape[1])
+    cols = F.unfold(x, site.kernel_size, site.dilation, site.padding, site.stride)  # B, C*kh*kw, L
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _out_rows(site: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    if isinstance(site, QuantLinear):
+        return out.reshape(-1, out.shape[-1])
+    return out.flatten(2).transpose(1, 2).reshape(-1, out.shape[1])
+
+
+class _Recorder:
+    """Capture callback: keeps a seeded sample of each site's input rows (or matmul slices) and, through a tensor
+    hook, the output gradient at the same rows; also tracks each input's min and max over all data."""
+
+    def __init__(self, rows_per_chunk: int, seed: int, keep: set[str], grads: bool) -> None:
+        self.rows_per_chunk = rows_per_chunk
+        self.generator = torch.Generator().manual_seed(seed)
+        self.keep = keep  # sites whose inputs are stored (others: only ranges)
+        self.grads = grads
+        self.data: dict[str, dict[str, list[torch.Tensor]]] = {}
+        self.ranges: dict[str, list[float]] = {}
+
+    def _range(self, key: str, t: torch.Tensor) -> None:
+        lo, hi = float(t.detach().min()), float(t.detach().max())
+        r = self.ranges.setdefault(key, [lo, hi])
+        r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+    def _sample(self, n: int, budget: int) -> torch.Tensor:
+        return torch.randperm(n, generator=self.generator)[: max(1, budget)]
+
+    def __call__(self, site: nn.Module, x, out: torch.Tensor) -> torch.Tensor:
+        name = site.info.name
+        if isinstance(site, QuantMatMul):
+            a, b = x
+            self._range(name + ":a", a)
+            self._range(name + ":b", b)
+            if name not in self.keep:
+                return out
+            idx = self._sample(a.shape[0], self.rows_per_chunk // a.shape[1]).to(a.device)
+            store = self.data.setdefault(name, {})
+            store.setdefault("a", []).append(a.detach()[idx])
+            store.setdefault("b", []).append(b.detach()[idx])
+            view = lambda g: g[idx]
+        else:
+            self._range(name, x)
+            if name not in self.keep:
+                return out
+            rows = _rows(site, x.detach())
+            idx = self._sample(rows.shape[0], self.rows_per_chunk).to(rows.device)
+            store = self.data.setdefault(name, {})
+            store.setdefault("x", []).append(rows[idx])
+            view = lambda g: _out_rows(site, g)[idx]
+        if self.grads:
+            if not out.requires_grad:
+                out = out.detach().requires_grad_()
+            out.register_hook(lambda g: store.setdefault("grad", []).append(view(g).detach()))
+        return out
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: torch.cat(v) for k, v in self.data.get(name, {}).items()}
+
+
+def _run(model, batch, chunk, device, recorder, sites, reference=None) -> None:
+    """Forward (and, with gradients, backward of the KL to ``reference`` logits) over the calibration pairs."""
+    for s in sites:
+        s.capture = recorder
+    try:
+        for i, (images, ids, mask) in enumerate(batch.chunks(chunk, device)):
+            if recorder.grads:
+                logits = model(images, ids, mask)
+                target = reference[i * chunk : i * chunk + images.shape[0]]
+                # KL(p_float || p_quant) over the class axis, averaged over pixels.
+                kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(target, 1), log_target=True, reduction="none")
+                (kl.sum(1).mean() * images.shape[0] / len(batch)).backward()
+            else:
+                with torch.no_grad():
+                    model(images, ids, mask)
+    finally:
+        for s in sites:
+            s.capture = None
+
+
+# ---------------------------------------------------------------------------------------------------- init
+def _needs_data(q) -> bool:
+    return isinstance(q, (DrqSoftmaxQuantizer, TierQuantizer, GroupQuantizer))
+
+
+@torch.no_grad()
+def _init_weights(site: nn.Module, recipe: Recipe) -> None:
+    if isinstance(site, QuantMatMul):
+        return
+    w = site.weight.reshape(site.weight.shape[0], -1)
+    q = site.weight_quantizer
+    amax = w.abs().amax(1)
+    if recipe.weight_granularity == "per_tensor":
+        blocks = _weight_blocks(site)
+        amax = amax.reshape(blocks, -1).amax(1, keepdim=True).expand(blocks, w.shape[0] // blocks).reshape(-1)
+    q.set_qparams(amax.clamp(min=1e-8) / (q.qmax + 0.5))
+
+
+def _weight_blocks(site: nn.Module) -> int:
+    """Fused q/k/v Linears get one scale per block with per-tensor weights (PTQ4ViT)."""
+    return 3 if site.info.name.endswith("attn.qkv") else 1
+
+
+def _init_activations(model, sites, recipe, batch, chunk, device) -> dict[str, list[float]]:
+    keep = {
+        s.info.name
+        for s in sites
+        if recipe.act_init == "percentile" or any(_needs_data(q) for q in quantizers_of(s).values())
+    }
+    # More rows than the search keeps: tier thresholds and percentiles are tail statistics.
+    rows = math.ceil(4 * recipe.max_rows / math.ceil(len(batch) / chunk))
+    recorder = _Recorder(rows, recipe.seed, keep, grads=False)
+    _run(model, batch, chunk, device, recorder, sites)
+    for site in sites:
+        name = site.info.name
+        data = recorder.tensors(name)
+        with torch.no_grad():
+            if isinstance(site, QuantMatMul):
+                a_lo, a_hi = recorder.ranges[name + ":a"]
+                b_lo, b_hi = recorder.ranges[name + ":b"]
+                init_activation(site.a_quantizer, data.get("a", torch.zeros(1)), a_lo, a_hi, recipe)
+                init_activation(site.b_quantizer, data.get("b", torch.zeros(1)), b_lo, b_hi, recipe)
+            else:
+                lo, hi = recorder.ranges[name]
+                x = data.get("x", torch.zeros(1, site.weight.shape[1]))
+                # Recorded rows put channels last; a GroupQuantizer's own axis applies to the model's tensors.
+                init_activation(site.input_quantizer, x, lo, hi, recipe, axis=-1)
+    return recorder.ranges
+
+
+# ---------------------------------------------------------------------------------------------------- search
+def _blocks(sites, recipe: Recipe) -> list[list[nn.Module]]:
+    if recipe.refresh == "layer":
+        return [[s] for s in sites]
+    groups: dict[str, list[nn.Module]] = {}
+    for s in sites:
+        groups.setdefault(s.info.block, []).append(s)
+    return list(groups.values())
+
+
+def _set_enabled(site: nn.Module, on: bool) -> None:
+    for q in quantizers_of(site).values():
+        q.enabled = on
+
+
+def _search_block(block, recorder: _Recorder, ranges, recipe: Recipe) -> None:
+    for site in block:
+        name = site.info.name
+        data = recorder.tensors(name)
+        grad = data.get("grad")
+        site_recipe = recipe
+        if recipe.search == "hessian" and grad is None:
+            # The output never reaches the mask (LAVT's last language gate feeds nothing): no gradient to weigh
+            # by, so the layer output's MSE decides.
+            site_recipe = dataclasses.replace(recipe, search="mse")
+        with torch.no_grad():
+            if isinstance(site, QuantMatMul):
+                cap = MatMulCapture(data["a"], data["b"], grad, *ranges[name + ":a"], *ranges[name + ":b"])
+                search_matmul(cap, site.a_quantizer, site.b_quantizer, site_recipe)
+            else:
+                x = data["x"]
+                if isinstance(site.input_quantizer, (TierQuantizer, GroupQuantizer)):
+                    init_activation(site.input_quantizer, x, *ranges[name], recipe, axis=-1)
+                w = site.weight.reshape(site.weight.shape[0], -1)
+                cap = LinearCapture(x, grad, w, site.bias, *ranges[name])
+                search_linear(cap, site.input_quantizer, site.weight_quantizer, site_recipe, _weight_blocks(site))
+        _set_enabled(site, True)
+
+
+def calibrate(
+    model: nn.Module,
+    recipe: Recipe,
+    batch: CalibrationBatch,
+    chunk_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> tuple[nn.Module, CalibrationReport]:
+    """A fake-quantized copy of ``model`` calibrated by ``recipe`` on ``batch``.
+
+    Args:
+        chunk_size: calibration pairs per forward/backward (lower it for big models on small memory).
+        device: where calibration runs; the result stays there.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    model = copy.deepcopy(model).eval().to(device)
+    model.requires_grad_(False)
+    report = CalibrationReport(recipe)
+    report.folded = _fold_channel_orders(model, recipe, batch, chunk_size, device)
+    sites = place_quantizers(model, recipe)
+    report.sites = len(sites)
+    for s in sites:
+        _set_enabled(s, False)
+        _init_weights(s, recipe)
+    ranges = _init_activations(model, sites, recipe, batch, chunk_size, device)
+    if recipe.search == "none":
+        for s in sites:
+            _set_enabled(s, True)
+    else:
+        with torch.no_grad():
+            reference = torch.cat([model(*c) for c in batch.chunks(chunk_size, device)])
+        for s in sites:
+            _set_enabled(s, True)
+        blocks = _blocks(sites, recipe)
+        report.blocks = len(blocks)
+        n_chunks = math.ceil(len(batch) / chunk_size)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(blocks), desc=f"calibrate {recipe.method} {recipe.bits}", unit="block")
+        for block in blocks:
+            for s in block:
+                _set_enabled(s, False)
+            recorder = _Recorder(
+                math.ceil(recipe.max_rows / n_chunks),
+                recipe.seed,
+                {s.info.name for s in block},
+                grads=recipe.search == "hessian",
+            )
+            _run(model, batch, chunk_size, device, recorder, block, reference)
+            _search_block(block, recorder, ranges, recipe)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    model.eval()
+    report.seconds = time.perf_counter() - start
+    return model, report

@@ -1,0 +1,279 @@
+"""Where quantizers go in LAVT, and the quantized layer modules that carry them.
+
+As in PTQ4RIS: every Linear/Conv of Swin, PWAM, BERT and the decoder (weights and input activations), and both
+attention matmuls (q @ kᵀ, probs @ v) of Swin, PWAM and BERT. LayerNorm, softmax, GELU, residual adds and the
+embeddings stay float; so does the decoder's final 2-class conv. The decoder's BatchNorms are folded into their
+convs first, as any deployment does, so the simulated weights are the deployed ones.
+
+Quantized layers subclass the float ones and share their parameters, so state-dict names do not change: a quantized
+model's state dict is the float weights plus the quantizers' buffers (the qparams).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.layers import MatMul
+from .quantizers import (
+    DrqGeluQuantizer,
+    DrqSoftmaxQuantizer,
+    FakeQuantizer,
+    GroupQuantizer,
+    TierQuantizer,
+    UniformQuantizer,
+    quantizer_from_spec,
+)
+from .recipe import Recipe
+
+__all__ = [
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMatMul",
+    "SiteInfo",
+    "classify_site",
+    "float_sites",
+    "fold_batch_norms",
+    "place_quantizers",
+    "quantized_sites",
+    "rebuild_quantizers",
+    "set_quantization",
+]
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One quantized layer.
+
+    ``role`` names what feeds its (first) input, which decides the activation quantizer: ``post_softmax``,
+    ``post_gelu``, ``post_relu``, ``text`` (a text-encoder Linear input), ``text_features`` (BERT's output entering
+    PWAM), ``pwam_product`` (PWAM's vis ⊙ lang), ``image`` or ``generic``.
+    """
+
+    name: str
+    op: str  # linear | conv1d | conv2d | matmul
+    modality: str  # text | vision | fusion | decoder
+    block: str  # the refresh group (a Swin block, a BERT layer, a stage's fusion, the decoder)
+    role: str
+
+
+class _QuantizedLayer:
+    """Mixin: ``input_quantizer`` / ``weight_quantizer`` submodules, and an optional ``capture`` callback that
+    calibration sets to record inputs and output gradients."""
+
+    info: SiteInfo
+    capture = None
+
+    @classmethod
+    def from_float(cls, module: nn.Module, info: SiteInfo, input_quantizer, weight_quantizer):
+        q = cls.__new__(cls)
+        # Shallow copies of the module's dicts: the parameters are shared, the submodule registry is not.
+        q.__dict__ = {k: dict(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()}
+        q.info = info
+        q.input_quantizer = input_quantizer
+        q.weight_quantizer = weight_quantizer
+        return q
+
+    def _run(self, x: torch.Tensor, fn) -> torch.Tensor:
+        out = fn(self.input_quantizer(x), self.weight_quantizer(self.weight))
+        if self.capture is not None:
+            out = self.capture(self, x, out)
+        return out
+
+
+class QuantLinear(_QuantizedLayer, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, lambda xq, wq: F.linear(xq, wq, self.bias))
+
+
+class QuantConv1d(_QuantizedLayer, nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, lambda xq, wq: self._conv_forward(xq, wq, self.bias))
+
+
+class QuantConv2d(_QuantizedLayer, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, lambda xq, wq: self._conv_forward(xq, wq, self.bias))
+
+
+class QuantMatMul(MatMul):
+    """``bmm(a, b)`` with both operands quantized (``a_quantizer``, ``b_quantizer``)."""
+
+    capture = None
+
+    def __init__(self, info: SiteInfo, a_quantizer: FakeQuantizer, b_quantizer: FakeQuantizer) -> None:
+        super().__init__()
+        self.info = info
+        self.a_quantizer = a_quantizer
+        self.b_quantizer = b_quantizer
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = torch.bmm(self.a_quantizer(a), self.b_quantizer(b))
+        if self.capture is not None:
+            out = self.capture(self, (a, b), out)
+        return out
+
+
+_QUANT_CLASS = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d}
+_OP = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", MatMul: "matmul"}
+
+
+@torch.no_grad()
+def fold_batch_norms(model: nn.Module) -> None:
+    """Fold each decoder ``convX_Y`` → ``bnX_Y`` pair into the conv (which gains a bias); the BN becomes Identity."""
+    decoder = model.classifier
+    for name, bn in list(decoder.named_children()):
+        if not (isinstance(bn, nn.BatchNorm2d) and name.startswith("bn")):
+            continue
+        conv = getattr(decoder, "conv" + name[2:])
+        std = torch.sqrt(bn.running_var + bn.eps)
+        factor = bn.weight / std
+        conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * factor + bn.bias)
+        setattr(decoder, name, nn.Identity())
+
+
+def classify_site(name: str, module: nn.Module) -> SiteInfo | None:
+    """The site of a float module of LAVT, or None when it stays float."""
+    op = next((o for t, o in _OP.items() if type(module) is t), None)
+    if op is None:
+        return None
+    if name.startswith("text_encoder."):
+        m = re.match(r"text_encoder\.encoder\.layer\.(\d+)\.", name)
+        block = f"text_encoder.encoder.layer.{m.group(1)}" if m else "text_encoder"
+        if op == "matmul":
+            role = "post_softmax" if name.endswith(".pv") else "generic"
+        else:
+            role = "text"
+        return SiteInfo(name, op, "text", block, role)
+    if name.startswith("classifier."):
+        role = "post_relu" if re.search(r"conv(2_\d|1_1)$", name) else "generic"
+        return SiteInfo(name, op, "decoder", "classifier", role)
+    m = re.match(r"backbone\.layers\.(\d+)\.(blocks\.(\d+)|fusion|res_gate|downsample)", name)
+    if m is None:  # patch embedding
+        return SiteInfo(name, op, "vision", "backbone.patch_embed", "image")
+    stage = m.group(1)
+    if m.group(3) is not None:
+        block = f"backbone.layers.{stage}.blocks.{m.group(3)}"
+        role = "post_gelu" if name.endswith("mlp.fc2") else "post_softmax" if name.endswith(".pv") else "generic"
+        return SiteInfo(name, op, "vision", block, role)
+    block = f"backbone.layers.{stage}.fusion"
+    if m.group(2) == "downsample":
+        return SiteInfo(name, op, "vision", block, "generic")
+    if name.endswith(("f_key.0", "f_value.0")):
+        role = "text_features"
+    elif name.endswith("project_mm.0"):
+        role = "pwam_product"
+    elif name.endswith("res_gate.0"):
+        role = "post_gelu"
+    elif name.endswith("res_gate.2"):
+        role = "post_relu"
+    elif name.endswith(".pv"):
+        role = "post_softmax"
+    else:
+        role = "generic"
+    return SiteInfo(name, op, "fusion", block, role)
+
+
+def _activation_quantizer(info: SiteInfo, recipe: Recipe, channels: int) -> FakeQuantizer:
+    bits = recipe.act_bits
+    vision_like = info.modality in ("vision", "fusion")
+    if info.role == "post_softmax" and vision_like and recipe.softmax == "drq":
+        return DrqSoftmaxQuantizer(bits)
+    if info.role == "post_gelu" and recipe.gelu == "drq":
+        return DrqGeluQuantizer(bits)
+    if info.role == "text" and recipe.text == "tiers":
+        return TierQuantizer(bits)
+    if info.role == "text" and recipe.text == "groups":
+        return GroupQuantizer(bits, channels, recipe.text_groups, axis=-1)
+    if info.role in ("text_features", "pwam_product") and recipe.pwam == "groups":
+        return GroupQuantizer(bits, channels, recipe.pwam_groups, axis=1)
+    return UniformQuantizer(bits, recipe.act_symmetric)
+
+
+def _weight_quantizer(weight: torch.Tensor, recipe: Recipe) -> UniformQuantizer:
+    # Always one scale slot per output channel; per-tensor recipes fill the slots of a tensor (or block) equally.
+    return UniformQuantizer(recipe.weight_bits, symmetric=True, shape=(weight.shape[0],) + (1,) * (weight.dim() - 1))
+
+
+def float_sites(model: nn.Module, recipe: Recipe | None = None) -> list[tuple[str, nn.Module, SiteInfo]]:
+    """The float modules to quantize, in forward (data-flow) order: text encoder, vision + fusion, decoder."""
+    found = []
+    for name, module in model.named_modules():
+        info = classify_site(name, module)
+        if info is None:
+            continue
+        if name == "classifier.conv1_1" and (recipe is None or recipe.keep_final_conv_float):
+            continue
+        found.append((name, module, info))
+    order = {"text": 0, "vision": 1, "fusion": 1, "decoder": 2}
+    return sorted(found, key=lambda t: order[t[2].modality])  # stable: module order within a part
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def place_quantizers(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
+    """Replace every site of ``model`` (in place; BatchNorms folded first) by its quantized module, with quantizers
+    chosen by ``recipe`` and placeholder qparams. Returns the quantized modules in data-flow order."""
+    fold_batch_norms(model)
+    placed = []
+    for name, module, info in float_sites(model, recipe):
+        if info.op == "matmul":
+            a_role = info.role
+            a = (
+                DrqSoftmaxQuantizer(recipe.act_bits)
+                if a_role == "post_softmax" and info.modality != "text" and recipe.softmax == "drq"
+                else UniformQuantizer(recipe.act_bits, recipe.act_symmetric)
+            )
+            q = QuantMatMul(info, a, UniformQuantizer(recipe.act_bits, recipe.act_symmetric))
+        else:
+            channels = module.weight.shape[1]
+            q = _QUANT_CLASS[type(module)].from_float(
+                module, info, _activation_quantizer(info, recipe, channels), _weight_quantizer(module.weight, recipe)
+            )
+        _set_submodule(model, name, q)
+        placed.append(q)
+    return placed
+
+
+def quantized_sites(model: nn.Module) -> list[nn.Module]:
+    """The quantized modules of a model prepared by :func:`place_quantizers`, in data-flow order."""
+    sites = [m for m in model.modules() if isinstance(m, (_QuantizedLayer, QuantMatMul))]
+    order = {"text": 0, "vision": 1, "fusion": 1, "decoder": 2}
+    return sorted(sites, key=lambda m: order[m.info.modality])
+
+
+def quantizers_of(site: nn.Module) -> dict[str, FakeQuantizer]:
+    if isinstance(site, QuantMatMul):
+        return {"a_quantizer": site.a_quantizer, "b_quantizer": site.b_quantizer}
+    return {"input_quantizer": site.input_quantizer, "weight_quantizer": site.weight_quantizer}
+
+
+def rebuild_quantizers(model: nn.Module, specs: dict[str, dict[str, dict]]) -> None:
+    """Replace the quantizers of a placed model by ones rebuilt from ``specs`` (site → slot → spec), so that an
+    artifact's state dict loads with matching buffer shapes."""
+    sites = {m.info.name: m for m in quantized_sites(model)}
+    missing = set(sites) - set(specs)
+    extra = set(specs) - set(sites)
+    if missing or extra:
+        raise ValueError(f"qparams do not match the model: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    for name, slots in specs.items():
+        for slot, spec in slots.items():
+            setattr(sites[name], slot, quantizer_from_spec(spec))
+
+
+def set_quantization(model: nn.Module, enabled: bool, modalities: tuple[str, ...] | None = None) -> None:
+    """Switch the quantizers of ``model`` on or off (all, or only those of the given modalities)."""
+    for site in quantized_sites(model):
+        on = enabled and (modalities is None or site.info.modality in modalities)
+        for q in quantizers_of(site).values():
+            q.enabled = on

@@ -1,0 +1,212 @@
+"""Fake-quantizer modules: the simulated quantizers that calibration tunes and the artifact stores.
+
+Each quantizer keeps its parameters in buffers (so ``state_dict`` is the qparams), describes itself as a small JSON
+dict (so an artifact can rebuild it), and passes gradients straight through (STE) — calibration back-propagates
+through quantized layers to weigh each layer's error by its effect on the mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .primitives.drq import GELU_MIN
+from .primitives.uniform import qrange
+
+__all__ = [
+    "DrqGeluQuantizer",
+    "DrqSoftmaxQuantizer",
+    "FakeQuantizer",
+    "GroupQuantizer",
+    "TierQuantizer",
+    "UniformQuantizer",
+    "quantizer_from_spec",
+]
+
+
+def _round_ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    return x + (xq - x).detach() if x.requires_grad else xq
+
+
+class FakeQuantizer(nn.Module):
+    """Base class: ``forward`` fake-quantizes when ``enabled`` and is the identity otherwise."""
+
+    kind = "base"
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.enabled = True
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return _round_ste(x, self.fake_quant(x))
+
+    def spec(self) -> dict[str, Any]:
+        """Everything besides the buffers needed to rebuild this quantizer."""
+        return {"kind": self.kind, "bits": self.bits}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "kind")
+
+
+class UniformQuantizer(FakeQuantizer):
+    """Uniform affine grid. ``shape`` is the broadcast shape of scale/zero point: ``()`` per tensor, e.g.
+    ``(C_out, 1)`` per output channel of a Linear weight."""
+
+    kind = "uniform"
+
+    def __init__(self, bits: int, symmetric: bool, shape: tuple[int, ...] = ()) -> None:
+        super().__init__(bits)
+        self.symmetric = symmetric
+        self.qmin, self.qmax = qrange(bits, symmetric)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        zp = torch.zeros_like(self.scale) if zero_point is None else zero_point.reshape(self.scale.shape)
+        if self.symmetric and bool((zp != 0).any()):
+            raise ValueError("a symmetric grid needs zero points of 0")
+        self.zero_point.copy_(zp)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax)
+        return (q - self.zero_point) * self.scale
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "symmetric": self.symmetric, "shape": list(self.scale.shape)}
+
+
+class DrqSoftmaxQuantizer(FakeQuantizer):
+    """Post-softmax dual-region quantizer (see :mod:`.primitives.drq`); ``split_exponent`` m puts the split at 2^−m."""
+
+    kind = "drq_softmax"
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits)
+        if not 3 <= bits <= 8:
+            raise ValueError(f"DRQ needs 3..8 bits (b−1 bits per region), got {bits}")
+        self.register_buffer("split_exponent", torch.zeros((), dtype=torch.long))
+
+    @property
+    def levels(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def fake_quant(self, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        """``m`` may hold several exponents shaped to broadcast against ``x`` (vectorised search)."""
+        m = self.split_exponent if m is None else m
+        delta_hi = 1.0 / self.levels
+        split = torch.exp2(-m.to(x.dtype))
+        delta_lo = delta_hi * split
+        hi = torch.clamp(torch.round(x / delta_hi), 0, self.levels) * delta_hi
+        lo = torch.clamp(torch.round(x / delta_lo), 0, self.levels) * delta_lo
+        return torch.where(x >= split, hi, lo)
+
+
+class DrqGeluQuantizer(FakeQuantizer):
+    """Post-GELU dual-region quantizer: fixed negative step 0.16997/2^(b−1), searched positive step."""
+
+    kind = "drq_gelu"
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits)
+        if not 3 <= bits <= 8:
+            raise ValueError(f"DRQ needs 3..8 bits (b−1 bits per region), got {bits}")
+        self.register_buffer("delta_pos", torch.ones(()))
+
+    @property
+    def levels(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def delta_neg(self) -> float:
+        return GELU_MIN / 2 ** (self.bits - 1)
+
+    def fake_quant(self, x: torch.Tensor, delta_pos: torch.Tensor | None = None) -> torch.Tensor:
+        delta_pos = self.delta_pos if delta_pos is None else delta_pos
+        q_neg = torch.clamp(torch.round(x.clamp(max=0) / self.delta_neg), -(self.levels + 1), 0) * self.delta_neg
+        q_pos = torch.clamp(torch.round(x.clamp(min=0) / delta_pos), 0, self.levels) * delta_pos
+        return q_neg + q_pos
+
+
+class TierQuantizer(FakeQuantizer):
+    """Element-wise RORQ: nested magnitude tiers, each with its own asymmetric b-bit grid (simulation only)."""
+
+    kind = "rorq_tiers"
+
+    def __init__(self, bits: int, tiers: int = 1) -> None:
+        super().__init__(bits)
+        self.qmin, self.qmax = qrange(bits, symmetric=False)
+        self.register_buffer("thresholds", torch.zeros(tiers - 1))
+        self.register_buffer("scale", torch.ones(tiers))
+        self.register_buffer("zero_point", torch.zeros(tiers))
+
+    def set_tiers(self, thresholds: tuple[float, ...], grids: tuple[tuple[float, float], ...]) -> None:
+        """Replace the tiers (their number is found by calibration)."""
+        device = self.scale.device
+        self.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=device)
+        self.scale = torch.tensor([g[0] for g in grids], dtype=torch.float32, device=device)
+        self.zero_point = torch.tensor([g[1] for g in grids], dtype=torch.float32, device=device)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        tier = torch.bucketize(x.abs(), self.thresholds)
+        scale, zp = self.scale[tier], self.zero_point[tier]
+        q = torch.clamp(torch.round(x / scale) + zp, self.qmin, self.qmax)
+        return (q - zp) * scale
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "tiers": int(self.scale.numel())}
+
+
+class GroupQuantizer(FakeQuantizer):
+    """Deployable RORQ: contiguous channel groups along ``axis``, one asymmetric grid each. The channels were put in
+    range order beforehand by a permutation folded into the weights, so outlier channels share groups."""
+
+    kind = "rorq_groups"
+
+    def __init__(self, bits: int, channels: int, groups: int, axis: int) -> None:
+        super().__init__(bits)
+        if groups <= 0 or channels % groups:
+            raise ValueError(f"{channels} channels cannot be split into {groups} equal groups")
+        self.channels, self.groups, self.axis = channels, groups, axis
+        self.qmin, self.qmax = qrange(bits, symmetric=False)
+        self.register_buffer("scale", torch.ones(groups))
+        self.register_buffer("zero_point", torch.zeros(groups))
+
+    def per_channel(self, t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+        shape = [1] * ndim
+        shape[axis] = self.channels
+        return t.repeat_interleave(self.channels // self.groups).reshape(shape)
+
+    def fake_quant(self, x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+        axis = self.axis if axis is None else axis
+        scale = self.per_channel(self.scale, x.dim(), axis)
+        zp = self.per_channel(self.zero_point, x.dim(), axis)
+        q = torch.clamp(torch.round(x / scale) + zp, self.qmin, self.qmax)
+        return (q - zp) * scale
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "channels": self.channels, "groups": self.groups, "axis": self.axis}
+
+
+def quantizer_from_spec(spec: dict[str, Any]) -> FakeQuantizer:
+    """Rebuild a quantizer (with placeholder buffers, to be filled by ``load_state_dict``) from :meth:`spec`."""
+    kind, bits = spec["kind"], int(spec["bits"])
+    if kind == "uniform":
+        return UniformQuantizer(bits, bool(spec["symmetric"]), tuple(spec["shape"]))
+    if kind == "drq_softmax":
+        return DrqSoftmaxQuantizer(bits)
+    if kind == "drq_gelu":
+        return DrqGeluQuantizer(bits)
+    if kind == "rorq_tiers":
+        return TierQuantizer(bits, int(spec["tiers"]))
+    if kind == "rorq_groups":
+        return GroupQuantizer(bits, int(spec["channels"]), int(spec["groups"]), int(spec["axis"]))
+    raise ValueError(f"unknown quantizer kind {kind!r}")

@@ -1,0 +1,169 @@
+"""Calibration recipes: what each method quantizes how, as one frozen, serialisable value.
+
+A method name (``ptq4ris``, ``minmax``, …) is a preset :class:`Recipe`; a bit setting (``w8a8`` …) fills in the
+bit widths. Every choice the results table compares is one field here, so ablations are presets, not code paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+__all__ = ["BIT_SETTINGS", "METHODS", "Recipe", "make_recipe", "parse_bits"]
+
+BIT_SETTINGS: dict[str, tuple[int, int]] = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
+
+_CHOICES = {
+    "weight_granularity": ("per_tensor", "per_channel"),
+    "act_init": ("minmax", "percentile"),
+    "softmax": ("uniform", "drq"),
+    "gelu": ("uniform", "drq"),
+    "text": ("uniform", "tiers", "groups"),
+    "pwam": ("plain", "groups"),
+    "search": ("none", "hessian", "mse", "cosine"),
+    "refresh": ("block", "layer"),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One calibration method at one bit setting.
+
+    Args:
+        method: preset name, recorded in artifacts and tables.
+        weight_bits, act_bits: 2..8.
+        weight_granularity: symmetric weights per tensor (a fused q/k/v Linear gets one scale per block) or per
+            output channel.
+        act_symmetric: activation grids symmetric (PTQ4ViT) or asymmetric (zero point free).
+        act_init: first activation ranges by min-max or by a percentile of |x| (``percentile``).
+        softmax: post-softmax inputs of the vision/fusion attention (probs @ v): uniform grid or DRQ.
+        gelu: post-GELU inputs (Swin fc2, PWAM language gate): uniform grid or DRQ.
+        text: inputs of the text encoder's Linears: uniform, element-wise RORQ tiers, or RORQ channel groups
+            (permutation folded into the weights).
+        text_groups: channel groups per text Linear input with ``text="groups"``.
+        pwam: PWAM's element-wise product (input of ``project_mm``) and its text-feature inputs: one grid
+            (``plain``) or range-ordered channel groups (``groups``, permutation folded).
+        pwam_groups: channel groups with ``pwam="groups"``.
+        search: scale search objective: none (min-max), Hessian-guided (KL over the class axis, gradients through the
+            partially quantized model), MSE or cosine of the layer output.
+        candidates, alpha_min, alpha_max: the grid α·Δ0 searched.
+        rounds: alternating weight/activation rounds per layer.
+        refresh: recompute inputs and gradients before every block (default) or every layer.
+        max_rows: rows (tokens/pixels) per layer kept for the search, sampled with ``seed``.
+        screen_rows, refine: every candidate is scored on ``screen_rows`` of those rows, the ``refine`` best on all.
+        gelu_pow2: DRQ post-GELU positive step restricted to 2^k times the negative step.
+        keep_final_conv_float: the decoder's 2-class ``conv1_1`` stays float, as in the paper.
+        seed: sampling seed.
+    """
+
+    method: str = "ptq4ris"
+    weight_bits: int = 8
+    act_bits: int = 8
+    weight_granularity: str = "per_channel"
+    act_symmetric: bool = False
+    act_init: str = "minmax"
+    percentile: float = 99.99
+    softmax: str = "drq"
+    gelu: str = "drq"
+    text: str = "tiers"
+    text_groups: int = 8
+    pwam: str = "groups"
+    pwam_groups: int = 4
+    search: str = "hessian"
+    candidates: int = 100
+    alpha_min: float = 0.01
+    alpha_max: float = 1.19
+    rounds: int = 3
+    refresh: str = "block"
+    max_rows: int = 2048
+    screen_rows: int = 256
+    refine: int = 16
+    gelu_pow2: bool = False
+    keep_final_conv_float: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        for name in ("weight_bits", "act_bits"):
+            if not 2 <= getattr(self, name) <= 8:
+                raise ValueError(f"{name} must be in 2..8, got {getattr(self, name)}")
+        drq = self.softmax == "drq" or self.gelu == "drq"
+        if drq and self.act_bits < 3:
+            raise ValueError(f"DRQ needs at least 3 activation bits (b−1 per region), got {self.act_bits}")
+        if min(self.candidates, self.rounds, self.max_rows, self.screen_rows, self.refine) < 1:
+            raise ValueError("candidates, rounds, max_rows, screen_rows and refine must be positive")
+        if not 0 < self.alpha_min < self.alpha_max:
+            raise ValueError(f"need 0 < alpha_min < alpha_max, got {self.alpha_min}, {self.alpha_max}")
+
+    @property
+    def bits(self) -> str:
+        return f"w{self.weight_bits}a{self.act_bits}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown recipe fields {sorted(unknown)}: the artifact was written by another version")
+        return cls(**data)
+
+
+_PTQ4RIS = Recipe()
+METHODS: dict[str, Recipe] = {
+    # Naive baselines: no search, nothing special for softmax/GELU/text/fusion.
+    "minmax": replace(
+        _PTQ4RIS,
+        method="minmax",
+        weight_granularity="per_tensor",
+        softmax="uniform",
+        gelu="uniform",
+        text="uniform",
+        pwam="plain",
+        search="none",
+    ),
+    "percentile": replace(
+        _PTQ4RIS,
+        method="percentile",
+        act_init="percentile",
+        softmax="uniform",
+        gelu="uniform",
+        text="uniform",
+        pwam="plain",
+        search="none",
+    ),
+    # PTQ4ViT: twin-uniform softmax/GELU, Hessian-guided search, per-tensor symmetric grids, no text treatment.
+    "ptq4vit": replace(
+        _PTQ4RIS,
+        method="ptq4vit",
+        weight_granularity="per_tensor",
+        act_symmetric=True,
+        text="uniform",
+        pwam="plain",
+    ),
+    # PTQ4RIS as the paper's code reads (element-wise RORQ tiers), and its deployable form (channel groups).
+    "ptq4ris": _PTQ4RIS,
+    "ptq4ris-deploy": replace(_PTQ4RIS, method="ptq4ris-deploy", text="groups"),
+    # Ablations.
+    "drq-only": replace(_PTQ4RIS, method="drq-only", text="uniform"),
+    "rorq-only": replace(_PTQ4RIS, method="rorq-only", softmax="uniform", gelu="uniform"),
+}
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    try:
+        return BIT_SETTINGS[bits.lower()]
+    except KeyError:
+        raise ValueError(f"unknown bit setting {bits!r}: choose one of {', '.join(BIT_SETTINGS)}") from None
+
+
+def make_recipe(method: str, bits: str, **overrides: Any) -> Recipe:
+    """The preset ``method`` at ``bits`` (``w8a8`` …), with field overrides (e.g. ``pwam="plain"``)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    weight_bits, act_bits = parse_bits(bits)
+    return replace(METHODS[method], weight_bits=weight_bits, act_bits=act_bits, **overrides)
