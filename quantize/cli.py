@@ -290,6 +290,44 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="sensitivity by layer and modality of a calibrated model",
+        description="Attribute the quantization error of a calibrated model: for every layer alone, and for each "
+        "modality (vision, text, fusion, decoder) alone, the SQNR of the mask logits against the float model on "
+        "the calibration pairs' split, and the mIoU lost on the evaluation split. Writes OUT/sensitivity.json and "
+        "OUT/sensitivity.png (default OUT: the quantized model's folder).",
+    )
+    p.add_argument("--quantized", required=True, metavar="DIR", help="folder written by `ptq4ris calibrate`")
+    _add_data_args(p)
+    p.add_argument(
+        "--limit", type=int, default=1000, help="evaluation pairs for the mIoU columns (default: %(default)s)"
+    )
+    p.add_argument("--sqnr-pairs", type=int, default=32, help="pairs for the SQNR columns (default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where to write the JSON and the plot")
+    p.set_defaults(func=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .calibration.artifact import load_quantized
+    from .calibration.calibrate import calibration_batch
+    from .calibration.sensitivity import analyze, format_sensitivity, plot_sensitivity, save_json
+
+    model, recipe, _ = load_quantized(args.quantized)
+    dataset = _dataset(args, model.config)
+    pairs = calibration_batch(dataset, args.sqnr_pairs)
+    result = analyze(model, (pairs.images, pairs.input_ids, pairs.attention_mask), dataset, args.limit, progress=True)
+    result.update(method=recipe.method, bits=recipe.bits, split=args.split)
+    out = Path(args.out or args.quantized)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(result, out / "sensitivity.json")
+    plot_sensitivity(result, out / "sensitivity.png", f"{recipe.method} {recipe.bits} on {args.dataset} {args.split}")
+    print(format_sensitivity(result))
+    print(f"written: {out / 'sensitivity.json'}, {out / 'sensitivity.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptq4ris",
@@ -306,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_calibrate(sub)
+    _add_analyze(sub)
     return parser
 
 

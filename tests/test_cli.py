@@ -26,7 +26,7 @@ def run_json(capsys, *argv) -> dict:
 
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "quantize.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("data", "train", "evaluate"):
+    for command in ("data", "train", "evaluate", "calibrate", "analyze"):
         assert command in out.stdout
     out = subprocess.run(
         [sys.executable, "-m", "quantize.cli", "evaluate", "--help"], capture_output=True, text=True, check=True
@@ -40,7 +40,15 @@ def test_embedded_model_segments_shapesref_and_needs_language(refer_root, capsys
     assert good["mIoU"] > 85, good
     assert set(good["mIoU_by_kind"]) <= {"attribute", "location", "relation", "ordinal"}
     shuffled = run_json(
-        capsys, "evaluate", "--refer-root", str(refer_root), "--split", "val", "--limit", "64", "--json",
+        capsys,
+        "evaluate",
+        "--refer-root",
+        str(refer_root),
+        "--split",
+        "val",
+        "--limit",
+        "64",
+        "--json",
         "--shuffled-expressions",
     )
     assert shuffled["mIoU"] < good["mIoU"] - 30
@@ -57,8 +65,21 @@ def test_train_writes_weights_and_resumes(refer_root, tmp_path):
     assert second["steps_done"] == 3  # continued from step 2, not restarted
     assert not list(out.glob(".*"))  # no temporary files left behind
     # the trained file loads strictly as a lavt-tiny checkpoint
-    assert main(["evaluate", "--refer-root", str(refer_root), "--limit", "4", "--json",
-                 "--checkpoint", str(out / "lavt-tiny.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--refer-root",
+                str(refer_root),
+                "--limit",
+                "4",
+                "--json",
+                "--checkpoint",
+                str(out / "lavt-tiny.safetensors"),
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -90,3 +111,39 @@ def test_checkpoint_of_another_architecture_is_named(refer_root, tmp_path, capsy
     assert main(["evaluate", "--refer-root", str(refer_root), "--checkpoint", str(path)]) == 2
     err = capsys.readouterr().err
     assert "another architecture" in err and "mis-shaped" in err
+
+
+def test_calibrate_evaluate_analyze(refer_root, tmp_path, capsys):
+    """calibrate writes a folder that evaluate and analyze reload without recalibrating."""
+    out = tmp_path / "minmax-w8a8"
+    argv = ["calibrate", "--refer-root", str(refer_root), "--method", "minmax", "--bits", "w8a8"]
+    assert main([*argv, "--calib-size", "8", "--out", str(out)]) == 0
+    assert "written to" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"]["method"] == "minmax" and config["calibration"]["split"] == "train"
+    evaluated = run_json(
+        capsys, "evaluate", "--quantized", str(out), "--refer-root", str(refer_root), "--limit", "32", "--json"
+    )
+    assert evaluated["mIoU"] > 80 and "simulated" in evaluated["model"]
+    assert main(["analyze", "--quantized", str(out), "--refer-root", str(refer_root), "--limit", "16",
+                 "--sqnr-pairs", "4"]) == 0  # fmt: skip
+    report = json.loads((out / "sensitivity.json").read_text())
+    assert set(report["modalities"]) == {"vision", "text", "fusion", "decoder"}
+    assert len(report["layers"]) == config_sites(config)
+    assert (out / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def config_sites(config: dict) -> int:
+    return len(config["sites"])
+
+
+def test_calibrate_rejects_bad_settings(refer_root, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--bits", "w3a3", "--out", str(tmp_path / "x")])
+    assert "invalid choice" in capsys.readouterr().err
+    argv = ["calibrate", "--refer-root", str(refer_root), "--calib-split", "testA", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    assert "unknown split 'testA'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["evaluate", "--quantized", str(tmp_path / "missing")]) == 2
+    assert "ptq4ris calibrate" in capsys.readouterr().err
