@@ -13,10 +13,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-# Main job (for now): write ShapesRef's evaluation splits and score the embedded lavt-tiny on val.
+# Main job (for now): write ShapesRef (val, and the 64 train scenes calibration draws from), score the embedded
+# lavt-tiny on val, calibrate it with PTQ4RIS at W8A8 and score the simulated quantized model.
 demo: setup
-	$(BIN)/ptq4ris data synth --out $(DATA)
-	$(BIN)/ptq4ris evaluate --refer-root $(DATA) --dataset shapesref --split val
+	$(BIN)/ptq4ris data synth --out $(DATA) --splits train val --train-scenes 64
+	$(BIN)/ptq4ris evaluate --refer-root $(DATA) --split val
+	$(BIN)/ptq4ris calibrate --refer-root $(DATA) --method ptq4ris --bits w8a8 --out runs/lavt-tiny-ptq4ris-w8a8
+	$(BIN)/ptq4ris evaluate --refer-root $(DATA) --split val --quantized runs/lavt-tiny-ptq4ris-w8a8
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -269,7 +269,16 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.objective and recipe.search != "none":
         recipe = make_recipe(args.method, args.bits, **overrides, search=args.objective)
     model = build_model(args.model, checkpoint=args.checkpoint)
-    batch = calibration_batch(_dataset(args, model.config), args.calib_size)
+    try:
+        dataset = _dataset(args, model.config)
+    except ValueError as e:
+        if args.dataset == "shapesref" and "unknown split" in str(e):
+            raise ValueError(
+                f"{e}; calibration draws from ShapesRef {args.split}: write it with "
+                f"`ptq4ris data synth --out {args.refer_root} --splits {args.split} val --{args.split}-scenes 64`"
+            ) from e
+        raise
+    batch = calibration_batch(dataset, args.calib_size)
     quantized, report = calibrate(model, recipe, batch, chunk_size=args.chunk_size, device=args.device, progress=True)
     extra = {
         "calibration": {
