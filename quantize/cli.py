@@ -212,7 +212,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    from .calibration.recipe import BIT_SETTINGS, METHODS
+    from .calibration.recipe import BIT_SETTINGS, METHOD_HELP, METHODS
 
     p = sub.add_parser(
         "calibrate",
@@ -220,9 +220,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         description="Calibrate LAVT with PTQ4RIS (DRQ for post-softmax/post-GELU activations, RORQ for the text "
         "encoder, Hessian-guided scale search) or a baseline, on 32 (image, expression) pairs: the first "
         "expression of each of the first refs of --calib-split. Writes OUT/config.json, OUT/model.safetensors "
-        "and OUT/qparams.json, which `ptq4ris evaluate --quantized OUT` and the exporters reload. Methods: "
-        + "; ".join(f"{name}" for name in METHODS)
-        + ". The same seed and data give identical qparams.",
+        "and OUT/qparams.json, which `ptq4ris evaluate --quantized OUT` and the exporters reload. The same seed and "
+        "data give identical qparams. Methods: "
+        + "; ".join(f"{name}: {METHOD_HELP[name]}" for name in METHODS)
+        + ".",
     )
     p.add_argument("--model", default="lavt-tiny", help="registered model name (default: %(default)s)")
     p.add_argument("--checkpoint", default=None, help="official LAVT .pth or .safetensors (lavt-b needs it)")
@@ -241,6 +242,18 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         choices=["hessian", "mse", "cosine"],
         default=None,
         help="scale-search objective for searched methods (default: hessian)",
+    )
+    p.add_argument(
+        "--gelu-pow2",
+        action="store_true",
+        help="DRQ post-GELU: restrict the positive step to 2^k times the negative one (PTQ4ViT's requirement)",
+    )
+    p.add_argument(
+        "--refresh",
+        choices=["block", "layer"],
+        default="block",
+        help="recompute inputs and gradients before every block (fast) or every layer (PTQ4ViT; ~5x slower) "
+        "(default: %(default)s)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the quantized model into")
     _add_data_args(p, "--calib-split", "train")
@@ -262,7 +275,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from .calibration.recipe import make_recipe
     from .models.registry import build_model
 
-    overrides = {"seed": args.seed}
+    overrides = {"seed": args.seed, "gelu_pow2": args.gelu_pow2, "refresh": args.refresh}
     if args.pwam:
         overrides["pwam"] = args.pwam
     recipe = make_recipe(args.method, args.bits, **overrides)

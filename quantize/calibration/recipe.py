@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-__all__ = ["BIT_SETTINGS", "METHODS", "Recipe", "make_recipe", "parse_bits"]
+__all__ = ["BIT_SETTINGS", "METHODS", "METHOD_HELP", "Recipe", "make_recipe", "parse_bits"]
 
 BIT_SETTINGS: dict[str, tuple[int, int]] = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
 
@@ -151,6 +151,17 @@ METHODS: dict[str, Recipe] = {
     # Ablations.
     "drq-only": replace(_PTQ4RIS, method="drq-only", text="uniform"),
     "rorq-only": replace(_PTQ4RIS, method="rorq-only", softmax="uniform", gelu="uniform"),
+}
+
+
+METHOD_HELP = {
+    "minmax": "min-max ranges, one scale per tensor, no search (BasePTQ-like)",
+    "percentile": "activations clipped at the 99.99th percentile, per-channel weights, no search",
+    "ptq4vit": "twin-uniform softmax/GELU, per-tensor symmetric grids, Hessian-guided search",
+    "ptq4ris": "PTQ4RIS: DRQ + element-wise RORQ tiers (the paper's code), PWAM channel groups, Hessian search",
+    "ptq4ris-deploy": "PTQ4RIS with RORQ as range-ordered channel groups folded into the weights (deployable)",
+    "drq-only": "ablation: PTQ4RIS without RORQ",
+    "rorq-only": "ablation: PTQ4RIS without DRQ",
 }
 
 
