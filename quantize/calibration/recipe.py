@@ -68,7 +68,7 @@ class Recipe:
     text: str = "tiers"
     text_groups: int = 8
     pwam: str = "groups"
-    pwam_groups: int = 4
+    pwam_groups: int = 16
     search: str = "hessian"
     candidates: int = 100
     alpha_min: float = 0.01
