@@ -185,11 +185,21 @@ class _Recorder:
         self.grads = grads
         self.data: dict[str, dict[str, list[torch.Tensor]]] = {}
         self.ranges: dict[str, list[float]] = {}
+        self.channel_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _range(self, key: str, t: torch.Tensor) -> None:
         lo, hi = float(t.detach().min()), float(t.detach().max())
         r = self.ranges.setdefault(key, [lo, hi])
         r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+    def _channel_range(self, key: str, rows: torch.Tensor) -> None:
+        # Per-channel extremes over every row, not the sample: RORQ groups retain outliers, so a rare extreme
+        # must widen its group's grid rather than be clipped.
+        lo, hi = rows.amin(0), rows.amax(0)
+        if key in self.channel_ranges:
+            old_lo, old_hi = self.channel_ranges[key]
+            lo, hi = torch.minimum(lo, old_lo), torch.maximum(hi, old_hi)
+        self.channel_ranges[key] = (lo, hi)
 
     def _sample(self, n: int, budget: int) -> torch.Tensor:
         return torch.randperm(n, generator=self.generator)[: max(1, budget)]
@@ -209,6 +219,8 @@ class _Recorder:
             view = lambda g: g[idx]
         else:
             self._range(name, x)
+            if isinstance(site.input_quantizer, GroupQuantizer):
+                self._channel_range(name, _rows(site, x.detach()))
             if name not in self.keep:
                 return out
             rows = _rows(site, x.detach())
@@ -291,6 +303,9 @@ def _init_activations(model, sites, recipe, batch, chunk, device) -> dict[str, l
             else:
                 lo, hi = recorder.ranges[name]
                 x = data.get("x", torch.zeros(1, site.weight.shape[1]))
+                if name in recorder.channel_ranges:
+                    # The two rows of per-channel extremes give each group the min-max of all data.
+                    x = torch.stack(recorder.channel_ranges[name])
                 # Recorded rows put channels last; a GroupQuantizer's own axis applies to the model's tensors.
                 init_activation(site.input_quantizer, x, lo, hi, recipe, axis=-1)
     return recorder.ranges
@@ -327,8 +342,11 @@ def _search_block(block, recorder: _Recorder, ranges, recipe: Recipe) -> None:
                 search_matmul(cap, site.a_quantizer, site.b_quantizer, site_recipe)
             else:
                 x = data["x"]
-                if isinstance(site.input_quantizer, (TierQuantizer, GroupQuantizer)):
+                if isinstance(site.input_quantizer, TierQuantizer):
                     init_activation(site.input_quantizer, x, *ranges[name], recipe, axis=-1)
+                elif isinstance(site.input_quantizer, GroupQuantizer):
+                    extremes = torch.stack(recorder.channel_ranges[name])
+                    init_activation(site.input_quantizer, extremes, *ranges[name], recipe, axis=-1)
                 w = site.weight.reshape(site.weight.shape[0], -1)
                 cap = LinearCapture(x, grad, w, site.bias, *ranges[name])
                 search_linear(cap, site.input_quantizer, site.weight_quantizer, site_recipe, _weight_blocks(site))
