@@ -186,6 +186,7 @@ def stock_xnnpack_quantize(
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     weight_bits = _check_bits("weight_bits", weight_bits)
@@ -215,8 +216,10 @@ def stock_xnnpack_quantize(
     with torch.no_grad():
         for example in inputs:
             prepared(*example)
-    # Export ran in eval mode, so dropout is already gone from the graph (exported modules refuse .eval()).
     converted = convert_pt2e(prepared)
+    # Export ran in eval mode, so dropout is already gone from the graph; exported modules refuse .eval() unless
+    # told to accept it, and every evaluation loop calls it.
+    allow_exported_model_train_eval(converted)
     converted.stock_summary = StockQuantSummary(
         weight_bits=weight_bits,
         act_bits=act_bits,
