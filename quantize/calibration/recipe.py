@@ -66,7 +66,7 @@ class Recipe:
     softmax: str = "drq"
     gelu: str = "drq"
     text: str = "tiers"
-    text_groups: int = 8
+    text_groups: int = 96
     pwam: str = "groups"
     pwam_groups: int = 16
     search: str = "hessian"
