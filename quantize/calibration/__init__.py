@@ -1,1 +1,2 @@
-"""PTQ4RIS calibration: quantizer primitives (``primitives``); placement, scale search and recipes follow."""
+"""PTQ4RIS calibration: quantizer primitives, fake-quant modules and their placement over LAVT, the Hessian-guided
+scale search, RORQ channel-order folding, the calibrated-model artifact, baselines and sensitivity analysis."""
