@@ -135,7 +135,7 @@ def plot_sensitivity(result: dict[str, Any], path: str | Path, title: str = "") 
     ax1.set_xlabel("quantized layer (data-flow order)")
     ax1.set_ylabel("mask-logit SQNR, only this layer quantized (dB)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax1.legend(handles, list(colors), loc="lower right")
+    ax1.legend(handles, list(colors), loc="upper left", ncols=4)
     mods = list(result["modalities"])
     lost = [result["modalities"][m]["mIoU_lost"] or 0.0 for m in mods]
     ax2.bar(mods, lost, color=[colors[m] for m in mods])
