@@ -47,7 +47,9 @@ def evaluate(
         shuffled_expressions: pair every image with another sample's expression (language-reliance control).
         limit: evaluate the first ``limit`` pairs only.
     """
-    model.eval().to(device)
+    # Two statements: an exported PT2E module's eval() returns None instead of the module.
+    model.eval()
+    model.to(device)
     data = _ShuffledExpressions(dataset) if shuffled_expressions else dataset
     if limit is not None:
         data = torch.utils.data.Subset(data, range(min(limit, len(data))))
