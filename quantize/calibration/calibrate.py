@@ -39,6 +39,7 @@ from .recipe import Recipe
 from .search import (
     LinearCapture,
     MatMulCapture,
+    _weight_delta0,
     init_activation,
     search_linear,
     search_matmul,
@@ -269,11 +270,7 @@ def _init_weights(site: nn.Module, recipe: Recipe) -> None:
         return
     w = site.weight.reshape(site.weight.shape[0], -1)
     q = site.weight_quantizer
-    amax = w.abs().amax(1)
-    if recipe.weight_granularity == "per_tensor":
-        blocks = _weight_blocks(site)
-        amax = amax.reshape(blocks, -1).amax(1, keepdim=True).expand(blocks, w.shape[0] // blocks).reshape(-1)
-    q.set_qparams(amax.clamp(min=1e-8) / (q.qmax + 0.5))
+    q.set_qparams(_weight_delta0(w, q, recipe.weight_granularity == "per_channel", _weight_blocks(site)))
 
 
 def _weight_blocks(site: nn.Module) -> int:

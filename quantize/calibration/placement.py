@@ -120,6 +120,8 @@ class QuantMatMul(MatMul):
 
 
 _QUANT_CLASS = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d}
+# Data-flow position of each part: the text encoder feeds every fusion, the decoder comes last.
+_FLOW_ORDER = {"text": 0, "vision": 1, "fusion": 1, "decoder": 2}
 _OP = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", MatMul: "matmul"}
 
 
@@ -212,8 +214,7 @@ def float_sites(model: nn.Module, recipe: Recipe | None = None) -> list[tuple[st
         if name == "classifier.conv1_1" and (recipe is None or recipe.keep_final_conv_float):
             continue
         found.append((name, module, info))
-    order = {"text": 0, "vision": 1, "fusion": 1, "decoder": 2}
-    return sorted(found, key=lambda t: order[t[2].modality])  # stable: module order within a part
+    return sorted(found, key=lambda t: _FLOW_ORDER[t[2].modality])  # stable: module order within a part
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -248,8 +249,7 @@ def place_quantizers(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
 def quantized_sites(model: nn.Module) -> list[nn.Module]:
     """The quantized modules of a model prepared by :func:`place_quantizers`, in data-flow order."""
     sites = [m for m in model.modules() if isinstance(m, (_QuantizedLayer, QuantMatMul))]
-    order = {"text": 0, "vision": 1, "fusion": 1, "decoder": 2}
-    return sorted(sites, key=lambda m: order[m.info.modality])
+    return sorted(sites, key=lambda m: _FLOW_ORDER[m.info.modality])
 
 
 def quantizers_of(site: nn.Module) -> dict[str, FakeQuantizer]:
