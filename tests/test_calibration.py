@@ -132,9 +132,28 @@ def test_recipes_validate():
         make_recipe("gptq", "w8a8")
     with pytest.raises(ValueError, match="not one of"):
         Recipe(text="rotate")
-    with pytest.raises(ValueError, match="DRQ needs"):
-        Recipe(act_bits=2)
+    with pytest.raises(ValueError, match="drq_min_bits must be at least 3"):
+        Recipe(drq_min_bits=2)
     assert Recipe.from_dict(METHODS["ptq4vit"].to_dict()) == METHODS["ptq4vit"]
+
+
+def test_drq_only_from_its_minimum_bits():
+    # PTQ4RIS keeps DRQ from A5 up; at A4 softmax/GELU get the searched uniform grid. The drq-only ablation keeps it.
+    assert make_recipe("ptq4ris", "w8a8").softmax_drq and make_recipe("ptq4ris", "w6a6").gelu_drq
+    w4a4 = make_recipe("ptq4ris", "w4a4")
+    assert not w4a4.softmax_drq and not w4a4.gelu_drq
+    assert make_recipe("drq-only", "w4a4").softmax_drq and make_recipe("drq-only", "w4a4").gelu_drq
+    assert not make_recipe("rorq-only", "w8a8").softmax_drq
+
+
+def _quantizer_kinds(recipe):
+    sites = place_quantizers(build_model("lavt-tiny").eval(), recipe)
+    return {type(q).__name__ for s in sites for q in quantizers_of(s).values()}
+
+
+def test_placement_follows_the_drq_bit_rule():
+    assert {"DrqSoftmaxQuantizer", "DrqGeluQuantizer"} <= _quantizer_kinds(make_recipe("ptq4ris", "w4a8"))
+    assert not {"DrqSoftmaxQuantizer", "DrqGeluQuantizer"} & _quantizer_kinds(make_recipe("ptq4ris", "w4a4"))
 
 
 # ------------------------------------------------------------------------------------------------ placement

@@ -186,9 +186,9 @@ def classify_site(name: str, module: nn.Module) -> SiteInfo | None:
 def _activation_quantizer(info: SiteInfo, recipe: Recipe, channels: int) -> FakeQuantizer:
     bits = recipe.act_bits
     vision_like = info.modality in ("vision", "fusion")
-    if info.role == "post_softmax" and vision_like and recipe.softmax == "drq":
+    if info.role == "post_softmax" and vision_like and recipe.softmax_drq:
         return DrqSoftmaxQuantizer(bits)
-    if info.role == "post_gelu" and recipe.gelu == "drq":
+    if info.role == "post_gelu" and recipe.gelu_drq:
         return DrqGeluQuantizer(bits)
     if info.role == "text" and recipe.text == "tiers":
         return TierQuantizer(bits)
@@ -232,7 +232,7 @@ def place_quantizers(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
             a_role = info.role
             a = (
                 DrqSoftmaxQuantizer(recipe.act_bits)
-                if a_role == "post_softmax" and info.modality != "text" and recipe.softmax == "drq"
+                if a_role == "post_softmax" and info.modality != "text" and recipe.softmax_drq
                 else UniformQuantizer(recipe.act_bits, recipe.act_symmetric)
             )
             q = QuantMatMul(info, a, UniformQuantizer(recipe.act_bits, recipe.act_symmetric))
