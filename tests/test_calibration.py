@@ -142,7 +142,7 @@ def test_drq_only_from_its_minimum_bits():
     assert make_recipe("ptq4ris", "w8a8").softmax_drq and make_recipe("ptq4ris", "w6a6").gelu_drq
     w4a4 = make_recipe("ptq4ris", "w4a4")
     assert not w4a4.softmax_drq and not w4a4.gelu_drq
-    assert make_recipe("drq-only", "w4a4").softmax_drq and make_recipe("drq-only", "w4a4").gelu_drq
+    assert make_recipe("drq-only", "w4a4").softmax_drq and make_recipe("ptq4ris-deploy", "w4a4").gelu_drq
     assert not make_recipe("rorq-only", "w8a8").softmax_drq
 
 
