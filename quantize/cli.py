@@ -312,6 +312,95 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_pte(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-pte",
+        help="lower a calibrated model to ExecuTorch .pte programs (XNNPACK) for Android",
+        description="Lower a model written by `ptq4ris calibrate` to ExecuTorch programs on the XNNPACK delegate, "
+        "with exactly the calibrated scales: every quantized GEMM runs as an int8 kernel (DRQ post-GELU and RORQ "
+        "channel groups as several int8 streams), attention matmuls in F32 on quantized operands. Writes the full "
+        "model to --out and, beside it, the stage programs (<name>.text.pte: ids -> word features; "
+        "<name>.visual.pte: image + word features -> mask logits), the float program (<name>.float.pte) and the "
+        "lowering report (<name>.lowering.json). Inputs are fixed: image float32 [1,3,S,S], input_ids and "
+        "attention_mask int64 [1,20]. Element-wise RORQ tiers have no integer lowering: export artifacts of "
+        "--method ptq4ris-deploy.",
+    )
+    p.add_argument("--quantized", required=True, help="folder written by `ptq4ris calibrate`")
+    p.add_argument("--out", required=True, help="the full model's .pte; other programs are written beside it")
+    p.add_argument(
+        "--refer-root",
+        default=DEFAULT_DATA_ROOT,
+        help="refer root with the artifact's calibration split: int8 GEMM output ranges are observed on it "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=["full", "text", "visual"],
+        choices=["full", "text", "visual"],
+        help="quantized programs to write (default: all)",
+    )
+    p.add_argument("--no-float", action="store_true", help="skip the float comparison program")
+    p.add_argument("--no-kernels", action="store_true", help="skip the ETDump run that lists executed kernels")
+    p.add_argument("--json", action="store_true", help="print the lowering report as JSON instead of a table")
+    p.set_defaults(func=_run_export_pte)
+
+
+def _run_export_pte(args: argparse.Namespace) -> int:
+    from mobile_runtime.export_pte import export_artifact
+    from mobile_runtime.lowering_report import format_report
+
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    report = export_artifact(
+        args.quantized,
+        args.out,
+        refer_root=args.refer_root,
+        stages=tuple(args.stages),
+        float_program=not args.no_float,
+        kernels=not args.no_kernels,
+        log=log,
+    )
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def _add_parity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "parity",
+        help="check that a .pte computes what the calibrated model simulated",
+        description="Run a full-model .pte with the ExecuTorch runtime and the simulated (fake-quant) model on the "
+        "same inputs — every pair of a refer split and scikit-image's natural photographs with typed expressions — "
+        "and report mask-pixel agreement, the largest logit difference (absolute and in LSBs of an 8-bit grid over "
+        "the simulated logits' range), IoU deltas, and both models' mIoU / oIoU.",
+    )
+    p.add_argument("--pte", required=True, help="full-model program written by `ptq4ris export-pte`")
+    p.add_argument("--quantized", required=True, help="the calibrated folder the program was exported from")
+    _add_data_args(p)
+    p.add_argument("--limit", type=int, default=None, help="first N pairs of the split only (default: all)")
+    p.add_argument("--no-photos", action="store_true", help="skip the natural photographs")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--out", default=None, help="also write the JSON report to this file")
+    p.set_defaults(func=_run_parity)
+
+
+def _run_parity(args: argparse.Namespace) -> int:
+    from mobile_runtime.parity import format_parity, run_parity
+
+    from .calibration.artifact import load_quantized
+
+    model, recipe, _ = load_quantized(args.quantized)
+    dataset = _dataset(args, model.config)
+    report = run_parity(model, args.pte, dataset, limit=args.limit, photos=not args.no_photos, progress=not args.json)
+    report.update(pte=args.pte, quantized=args.quantized, recipe=f"{recipe.method} {recipe.bits}")
+    text = json.dumps(report, indent=2, default=str)
+    if args.out:
+        from mobile_runtime.export_pte import write_atomic
+
+        write_atomic(Path(args.out), text.encode())
+    print(text if args.json else format_parity(report))
+    return 0
+
+
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
@@ -367,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_calibrate(sub)
     _add_analyze(sub)
+    _add_export_pte(sub)
+    _add_parity(sub)
     return parser
 
 

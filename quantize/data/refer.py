@@ -110,6 +110,7 @@ class ReferDataset(torch.utils.data.Dataset):
                 f"{dataset} has no {split_by!r} split; expected --split-by one of {sorted(DATASET_SPLITS[dataset])}"
             )
         self.refer_root = Path(refer_root)
+        self.dataset, self.split_by, self.split = dataset, split_by, split
         data_dir = self.refer_root / dataset
         if not data_dir.is_dir():
             hint = " (create it with `ptq4ris data synth`)" if dataset == "shapesref" else ""

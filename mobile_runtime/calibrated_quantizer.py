@@ -1,0 +1,175 @@
+"""A torchao PT2E ``Quantizer`` that annotates the exported deploy form with the *calibrated* grids.
+
+Standard PT2E quantizers observe ranges themselves; this one fixes them: every GEMM/conv of a
+:class:`~mobile_runtime.deploy_form.QuantStream` gets its input grid and per-channel weight grid from calibration,
+and every ``bmm`` of a :class:`~mobile_runtime.deploy_form.DeployMatMul` its operand grids. The only observed ranges
+are those of the GEMM outputs: XNNPACK delegates a quantized GEMM only with a quantized output, so each GEMM output
+is re-quantized to int8 with a min-max range seen on the calibration pairs (the one step the simulation does not
+have; parity measures its cost). One annotated graph serves both backends: the XNNPACK lowering and the Core ML
+conversion consume the same converted program.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torchao.quantization.pt2e.observer import MinMaxObserver, ObserverBase
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
+
+from .deploy_form import ActGrid, DeployMatMul, QuantStream, WeightGrid
+
+__all__ = ["CalibratedQuantizer", "FixedGridObserver"]
+
+_GEMMS = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default}
+_BMM = torch.ops.aten.bmm.default
+_EMBEDDING = torch.ops.aten.embedding.default
+
+
+class FixedGridObserver(ObserverBase):
+    """An "observer" that reports a fixed grid, per tensor or per channel (axis 0); it never looks at data."""
+
+    def __init__(
+        self,
+        scale,
+        zero_point,
+        dtype=torch.int8,
+        qscheme=torch.per_tensor_affine,
+        quant_min=-128,
+        quant_max=127,
+        ch_axis=0,
+        is_dynamic=False,
+        **kwargs,
+    ) -> None:
+        super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+        self.qscheme, self.quant_min, self.quant_max, self.ch_axis = qscheme, quant_min, quant_max, ch_axis
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(-1))
+        self.register_buffer("zero_point", torch.as_tensor(zero_point, dtype=torch.int32).reshape(-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def calculate_qparams(self):
+        return self.scale, self.zero_point
+
+
+def act_spec(grid: ActGrid) -> QuantizationSpec:
+    return QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=grid.qmin,
+        quant_max=grid.qmax,
+        qscheme=torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=FixedGridObserver.with_args(
+            scale=grid.scale, zero_point=grid.zero_point, quant_min=grid.qmin, quant_max=grid.qmax
+        ),
+    )
+
+
+def weight_spec(grid: WeightGrid) -> QuantizationSpec:
+    return QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=grid.qmin,
+        quant_max=grid.qmax,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=FixedGridObserver.with_args(
+            scale=grid.scale,
+            zero_point=torch.zeros_like(grid.scale, dtype=torch.int32),
+            qscheme=torch.per_channel_symmetric,
+            quant_min=grid.qmin,
+            quant_max=grid.qmax,
+        ),
+    )
+
+
+OUTPUT_SPEC = QuantizationSpec(
+    dtype=torch.int8,
+    quant_min=-128,
+    quant_max=127,
+    qscheme=torch.per_tensor_affine,
+    is_dynamic=False,
+    observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12),
+)
+
+
+def _owner(node: fx.Node) -> str | None:
+    """Fully qualified name of the innermost module that called ``node`` (from torch.export's metadata)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("L['self'].")
+
+
+class CalibratedQuantizer(Quantizer):
+    """Annotates the GEMMs and attention matmuls of an exported deploy-form model with their calibrated grids.
+
+    Args:
+        deploy_model: the module returned by :func:`~mobile_runtime.deploy_form.to_deploy_form` that was exported.
+        required: names of the sites the exported program must contain (default: all of them); validation fails
+            if one was not found, so a renamed module cannot silently leave a layer in float.
+    """
+
+    def __init__(self, deploy_model: torch.nn.Module, required=None) -> None:
+        super().__init__()
+        self.required = None if required is None else set(required)
+        self.streams = {n: m for n, m in deploy_model.named_modules() if isinstance(m, QuantStream)}
+        self.matmuls = {n: m for n, m in deploy_model.named_modules() if isinstance(m, DeployMatMul)}
+        self.annotated: dict[str, int] = {}
+        self.embeddings: list[str] = []
+
+    def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
+        seen: dict[str, int] = {}
+        for node in model.graph.nodes:
+            if node.op != "call_function":
+                continue
+            owner = _owner(node)
+            if node.target in _GEMMS and owner in self.streams:
+                stream = self.streams[owner]
+                x, w = node.args[0], node.args[1]
+                node.meta["quantization_annotation"] = QuantizationAnnotation(
+                    input_qspec_map={x: act_spec(stream.grid), w: weight_spec(stream.weight_grid)},
+                    output_qspec=OUTPUT_SPEC,
+                    _annotated=True,
+                )
+                seen[owner] = seen.get(owner, 0) + 1
+            elif node.target == _BMM and owner in self.matmuls:
+                mm = self.matmuls[owner]
+                a, b = node.args[0], node.args[1]
+                qmap = {b: act_spec(mm.b_grid)}
+                if mm.a_grid is not None:
+                    qmap[a] = act_spec(mm.a_grid)
+                node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=qmap, _annotated=True)
+                seen[owner] = seen.get(owner, 0) + 1
+            elif node.target == _EMBEDDING and owner is not None and owner.endswith("word_embeddings"):
+                self._annotate_table(model, node)
+                self.embeddings.append(owner.removeprefix("model."))
+        self.annotated = seen
+        return model
+
+    @staticmethod
+    def _annotate_table(model: fx.GraphModule, node: fx.Node) -> None:
+        """The word table in int8, one scale per row (ExecuTorch fuses it into ``embedding_byte``). Not part of the
+        PTQ4RIS recipe: a lookup costs no compute, only size, and a row keeps half a step of its own range (the
+        parity figures include it). The position and token-type tables are read at constant indices and fold
+        into one constant at export."""
+        weight = node.args[0]
+        if weight.op != "get_attr":
+            return
+        table = model
+        for part in weight.target.split("."):
+            table = getattr(table, part)
+        scale = (table.detach().abs().amax(dim=1) / 127).clamp(min=2**-20)
+        node.meta["quantization_annotation"] = QuantizationAnnotation(
+            input_qspec_map={weight: weight_spec(WeightGrid(scale, -127, 127, 8))}, _annotated=True
+        )
+
+    def validate(self, model: fx.GraphModule) -> None:
+        required = self.required if self.required is not None else set(self.streams) | set(self.matmuls)
+        missing = sorted(required - set(self.annotated))
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} calibrated sites were not found in the exported graph (first: {missing[:3]}): "
+                "the model was exported from another module than the deploy form this quantizer was built for"
+            )

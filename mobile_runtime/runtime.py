@@ -1,0 +1,66 @@
+"""Run an exported ``.pte`` with the ExecuTorch runtime, checking its inputs against the program's own metadata.
+
+A ``.pte`` has fixed input shapes; feeding it other shapes fails deep inside the runtime with an opaque status code.
+:class:`PteProgram` reads the shapes and dtypes the program declares and names the mismatch before running.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["PteInputError", "PteProgram"]
+
+# ExecuTorch ScalarType codes (c10 numbering) of the dtypes our programs use.
+_DTYPES = {0: torch.uint8, 1: torch.int8, 3: torch.int32, 4: torch.int64, 5: torch.float16, 6: torch.float32}
+
+
+class PteInputError(ValueError):
+    """Inputs that do not match what a ``.pte`` program was exported for."""
+
+
+class PteProgram:
+    """A loaded ``.pte`` program (method ``forward``).
+
+    Args:
+        path: the ``.pte`` file.
+        names: optional input names for error messages (e.g. ``("image", "input_ids", "attention_mask")``).
+    """
+
+    def __init__(self, path: str | Path, names: tuple[str, ...] | None = None) -> None:
+        import executorch.kernels.quantized  # noqa: F401  (registers embedding_byte)
+        from executorch.runtime import Runtime
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no ExecuTorch program at {self.path}: export one with `ptq4ris export-pte`")
+        try:
+            program = Runtime.get().load_program(self.path)
+            self.method = program.load_method("forward")
+        except Exception as e:  # the runtime raises plain RuntimeErrors with a status code
+            raise PteInputError(f"{self.path} is not a loadable ExecuTorch program ({e}); re-export it") from e
+        meta = self.method.metadata
+        self.input_shapes = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
+        self.input_dtypes = [_DTYPES.get(meta.input_tensor_meta(i).dtype()) for i in range(meta.num_inputs())]
+        self.names = names or tuple(f"input {i}" for i in range(len(self.input_shapes)))
+
+    def _check(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if len(inputs) != len(self.input_shapes):
+            raise PteInputError(f"{self.path.name} takes {len(self.input_shapes)} inputs, got {len(inputs)}")
+        checked = []
+        for name, x, shape, dtype in zip(self.names, inputs, self.input_shapes, self.input_dtypes):
+            if tuple(x.shape) != shape:
+                raise PteInputError(
+                    f"{self.path.name} was exported for {name} of shape {list(shape)}, got {list(x.shape)}: "
+                    "resize/pad the input (the model's preprocessing does) or export for these shapes"
+                )
+            if dtype is not None and x.dtype != dtype:
+                if x.dtype.is_floating_point != dtype.is_floating_point:
+                    raise PteInputError(f"{self.path.name} expects {name} as {dtype}, got {x.dtype}")
+                x = x.to(dtype)
+            checked.append(x.contiguous())
+        return checked
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.method.execute(self._check(inputs))[0]

@@ -1,0 +1,140 @@
+"""`ptq4ris export-pte` and `ptq4ris parity` end to end on a small LAVT (one block per stage, one BERT layer):
+lowering with the calibrated scales, delegation, executed int8 kernels, host-runtime parity and bad input.
+
+The small model (lavt-tiny's trained weights, one block per stage, one BERT layer) keeps every kind of site of lavt-tiny (uniform, RORQ groups, DRQ post-GELU and post-softmax, convs,
+attention matmuls) so that the whole lowering runs in CI time; the lavt-tiny figures are in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mobile_runtime.runtime import PteInputError, PteProgram
+from quantize.calibration.artifact import save_quantized
+from quantize.calibration.calibrate import calibrate, calibration_batch
+from quantize.calibration.recipe import make_recipe
+from quantize.cli import main
+from quantize.data.preprocess import Tokenizer
+from quantize.data.refer import ReferDataset
+from quantize.data.shapesref import write_shapesref
+from quantize.models.lavt import LAVT
+from quantize.models.registry import build_model, text_encoder_dir
+
+
+def small_model() -> LAVT:
+    """lavt-tiny cut to the first block of each Swin stage and the first BERT layer, with its trained weights: the
+    masks stay structured (an untrained model's logits are all near zero, where any rounding flips pixels)."""
+    tiny = build_model("lavt-tiny")
+    cfg = tiny.config
+    swin = replace(cfg.swin, depths=(1, 1, 1, 1))
+    model = LAVT(replace(cfg, swin=swin, text=dict(cfg.text, num_hidden_layers=1))).eval()
+    model.load_state_dict(tiny.state_dict(), strict=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def refer_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refer")
+    write_shapesref(root, seed=0, split_scenes={"train": 8, "val": 8})
+    return root
+
+
+def _artifact(root, out, method: str):
+    model = small_model()
+    cfg = model.config
+    train = ReferDataset(root, "shapesref", "unc", "train", Tokenizer(text_encoder_dir(), 20), cfg.swin.img_size)
+    recipe = make_recipe(method, "w8a8", search="none", text_groups=4, pwam_groups=2)
+    quantized, _ = calibrate(model, recipe, calibration_batch(train, 4))
+    calib = {"calibration": {"dataset": "shapesref", "split_by": "unc", "split": "train", "pairs": 4}}
+    return save_quantized(quantized, recipe, out, "small-test", calib)
+
+
+@pytest.fixture(scope="module")
+def exported(refer_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    artifact = _artifact(refer_root, folder / "w8a8", "ptq4ris-deploy")
+    out = folder / "pte" / "model.pte"
+    argv = ["export-pte", "--quantized", str(artifact), "--out", str(out), "--refer-root", str(refer_root), "--json"]
+    assert main(argv) == 0
+    return artifact, out
+
+
+def test_export_writes_every_program_and_nothing_half_written(exported):
+    _, out = exported
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == sorted(
+        ["model.pte", "model.text.pte", "model.visual.pte", "model.float.pte", "model.lowering.json"]
+    ), names
+
+
+def test_lowering_report_proves_int8_kernels(exported):
+    _, out = exported
+    report = json.loads(out.with_name("model.lowering.json").read_text())
+    programs = report["programs"]
+    for name, prog in programs.items():
+        assert prog["delegation"]["partitions"] <= 3, (name, prog["delegation"])
+        assert prog["delegation"]["forbidden_fallbacks"] == [], (name, prog["delegation"])
+    full = programs["full"]
+    assert full["kernels"].get("Fully Connected (NC, QS8, QC8W) GEMM", 0) > 0, full["kernels"]
+    assert any(k.startswith("Convolution (NHWC, QC8)") for k in full["kernels"]), full["kernels"]
+    assert not any("QS8" in k for k in programs["float"]["kernels"]), programs["float"]["kernels"]
+    ways = full["lowered_as"]
+    assert "2 int8 streams (DRQ regions)" in ways and any("RORQ channel groups" in w for w in ways)
+    assert "F32 bmm; DRQ regions as exact float ops" in ways and "int8 table (embedding_byte)" in ways
+    assert full["bytes"] < 0.5 * programs["float"]["bytes"]
+
+
+def test_parity_of_the_deployed_program(exported, refer_root, capsys):
+    artifact, out = exported
+    argv = [
+        "parity",
+        "--pte",
+        str(out),
+        "--quantized",
+        str(artifact),
+        "--refer-root",
+        str(refer_root),
+        "--limit",
+        "12",
+        "--json",
+    ]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    val, photos = report["sets"]["shapesref val"], report["sets"]["natural photographs"]
+    assert val["pairs"] == 12 and photos["pairs"] >= 6
+    # A wrong scale anywhere drops agreement far below this.
+    assert val["mask_agreement"] > 99 and photos["mask_agreement"] > 98, report
+    assert abs(val["deployed"]["mIoU"] - val["simulated"]["mIoU"]) < 3
+
+
+def test_pte_rejects_wrong_shapes_with_the_expected_ones(exported):
+    _, out = exported
+    program = PteProgram(out, names=("image", "input_ids", "attention_mask"))
+    ids = torch.ones(1, 20, dtype=torch.long)
+    with pytest.raises(PteInputError, match=r"image of shape \[1, 3, 128, 128\], got \[1, 3, 64, 64\]"):
+        program(torch.zeros(1, 3, 64, 64), ids, ids)
+    with pytest.raises(PteInputError, match="takes 3 inputs"):
+        program(torch.zeros(1, 3, 128, 128), ids)
+    with pytest.raises(PteInputError, match="expects input_ids as torch.int64"):
+        program(torch.zeros(1, 3, 128, 128), ids.float(), ids)
+    assert program(torch.zeros(1, 3, 128, 128), ids, ids).shape == (1, 2, 128, 128)
+
+
+def test_export_bad_input(refer_root, tmp_path, capsys):
+    assert main(["export-pte", "--quantized", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pte")]) == 2
+    assert "ptq4ris calibrate" in capsys.readouterr().err
+    tiers = _artifact(refer_root, tmp_path / "tiers", "ptq4ris")
+    argv = ["export-pte", "--quantized", str(tiers), "--out", str(tmp_path / "m.pte"), "--refer-root", str(refer_root)]
+    assert main(argv) == 2
+    assert "ptq4ris-deploy" in capsys.readouterr().err
+    assert not (tmp_path / "m.pte").exists()
+    with pytest.raises(FileNotFoundError, match="export-pte"):
+        PteProgram(tmp_path / "none.pte")
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"not a program")
+    with pytest.raises(PteInputError, match="re-export"):
+        PteProgram(bad)
