@@ -38,12 +38,13 @@ class FixedGridObserver(ObserverBase):
         quant_max=127,
         ch_axis=0,
         is_dynamic=False,
+        zero_point_dtype=torch.int32,
         **kwargs,
     ) -> None:
         super().__init__(dtype=dtype, is_dynamic=is_dynamic)
         self.qscheme, self.quant_min, self.quant_max, self.ch_axis = qscheme, quant_min, quant_max, ch_axis
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(-1))
-        self.register_buffer("zero_point", torch.as_tensor(zero_point, dtype=torch.int32).reshape(-1))
+        self.register_buffer("zero_point", torch.as_tensor(zero_point, dtype=zero_point_dtype).reshape(-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -79,6 +80,30 @@ def weight_spec(grid: WeightGrid) -> QuantizationSpec:
             qscheme=torch.per_channel_symmetric,
             quant_min=grid.qmin,
             quant_max=grid.qmax,
+        ),
+    )
+
+
+def table_spec(scale: torch.Tensor) -> QuantizationSpec:
+    """An embedding table, one scale per row, as uint8 around 128: the form ExecuTorch fuses into
+    ``embedding_byte`` (a lookup that dequantizes only the rows it reads)."""
+    # Float zero points: the fused lookup kernel takes them in the scales' dtype.
+    zero_point = torch.full_like(scale, 128.0)
+    return QuantizationSpec(
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_channel_affine,
+        ch_axis=0,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=FixedGridObserver.with_args(
+            scale=scale,
+            zero_point=zero_point,
+            dtype=torch.uint8,
+            qscheme=torch.per_channel_affine,
+            quant_min=0,
+            quant_max=255,
+            zero_point_dtype=torch.float32,
         ),
     )
 
@@ -150,7 +175,7 @@ class CalibratedQuantizer(Quantizer):
 
     @staticmethod
     def _annotate_table(model: fx.GraphModule, node: fx.Node) -> None:
-        """The word table in int8, one scale per row (ExecuTorch fuses it into ``embedding_byte``). Not part of the
+        """The word table in 8 bits, one scale per row (ExecuTorch fuses it into ``embedding_byte``). Not part of the
         PTQ4RIS recipe: a lookup costs no compute, only size, and a row keeps half a step of its own range (the
         parity figures include it). The position and token-type tables are read at constant indices and fold
         into one constant at export."""
@@ -162,7 +187,7 @@ class CalibratedQuantizer(Quantizer):
             table = getattr(table, part)
         scale = (table.detach().abs().amax(dim=1) / 127).clamp(min=2**-20)
         node.meta["quantization_annotation"] = QuantizationAnnotation(
-            input_qspec_map={weight: weight_spec(WeightGrid(scale, -127, 127, 8))}, _annotated=True
+            input_qspec_map={weight: table_spec(scale)}, _annotated=True
         )
 
     def validate(self, model: fx.GraphModule) -> None:
