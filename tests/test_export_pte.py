@@ -43,11 +43,11 @@ def refer_root(tmp_path_factory):
     return root
 
 
-def _artifact(root, out, method: str):
+def _artifact(root, out, method: str, bits: str = "w8a8"):
     model = small_model()
     cfg = model.config
     train = ReferDataset(root, "shapesref", "unc", "train", Tokenizer(text_encoder_dir(), 20), cfg.swin.img_size)
-    recipe = make_recipe(method, "w8a8", search="none", text_groups=4, pwam_groups=2)
+    recipe = make_recipe(method, bits, search="none", text_groups=4, pwam_groups=2)
     quantized, _ = calibrate(model, recipe, calibration_batch(train, 4))
     calib = {"calibration": {"dataset": "shapesref", "split_by": "unc", "split": "train", "pairs": 4}}
     return save_quantized(quantized, recipe, out, "small-test", calib)
@@ -109,6 +109,44 @@ def test_parity_of_the_deployed_program(exported, refer_root, capsys):
     # A wrong scale anywhere drops agreement far below this.
     assert val["mask_agreement"] > 99 and photos["mask_agreement"] > 98, report
     assert abs(val["deployed"]["mIoU"] - val["simulated"]["mIoU"]) < 3
+
+
+def test_w4a4_uses_4bit_weight_kernels_and_keeps_parity(refer_root, tmp_path, capsys):
+    artifact = _artifact(refer_root, tmp_path / "w4a4", "ptq4ris-deploy", "w4a4")
+    out = tmp_path / "w4.pte"
+    argv = [
+        "export-pte",
+        "--quantized",
+        str(artifact),
+        "--out",
+        str(out),
+        "--refer-root",
+        str(refer_root),
+        "--stages",
+        "full",
+        "--no-float",
+        "--json",
+    ]
+    assert main(argv) == 0
+    full = json.loads(capsys.readouterr().out)["programs"]["full"]
+    assert full["kernels"].get("Fully Connected (NC, QS8, QC4W) GEMM", 0) > 0, full["kernels"]
+    assert full["weight_storage"].get("int4 (QC4W)", 0) > 0 and full["delegation"]["partitions"] <= 3
+    argv = [
+        "parity",
+        "--pte",
+        str(out),
+        "--quantized",
+        str(artifact),
+        "--refer-root",
+        str(refer_root),
+        "--limit",
+        "12",
+        "--no-photos",
+        "--json",
+    ]
+    assert main(argv) == 0
+    val = json.loads(capsys.readouterr().out)["sets"]["shapesref val"]
+    assert val["mask_agreement"] > 97, val
 
 
 def test_pte_rejects_wrong_shapes_with_the_expected_ones(exported):
