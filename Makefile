@@ -14,12 +14,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Main job (for now): write ShapesRef (val, and the 64 train scenes calibration draws from), score the embedded
-# lavt-tiny on val, calibrate it with PTQ4RIS at W8A8 and score the simulated quantized model.
+# lavt-tiny on val, calibrate it with PTQ4RIS (deployable form) at W8A8, score the simulated quantized model, export
+# the .pte for Android and check on the ExecuTorch runtime that it computes what was simulated.
 demo: setup
 	$(BIN)/ptq4ris data synth --out $(DATA) --splits train val --train-scenes 64
 	$(BIN)/ptq4ris evaluate --refer-root $(DATA) --split val
-	$(BIN)/ptq4ris calibrate --refer-root $(DATA) --method ptq4ris --bits w8a8 --out runs/lavt-tiny-ptq4ris-w8a8
-	$(BIN)/ptq4ris evaluate --refer-root $(DATA) --split val --quantized runs/lavt-tiny-ptq4ris-w8a8
+	$(BIN)/ptq4ris calibrate --refer-root $(DATA) --method ptq4ris-deploy --bits w8a8 --out runs/lavt-tiny-w8a8
+	$(BIN)/ptq4ris evaluate --refer-root $(DATA) --split val --quantized runs/lavt-tiny-w8a8
+	$(BIN)/ptq4ris export-pte --refer-root $(DATA) --quantized runs/lavt-tiny-w8a8 --out runs/pte/lavt-tiny-w8a8.pte \
+		--stages full
+	$(BIN)/ptq4ris parity --refer-root $(DATA) --split val --quantized runs/lavt-tiny-w8a8 \
+		--pte runs/pte/lavt-tiny-w8a8.pte
 
 test: setup
 	$(BIN)/python -m pytest -q

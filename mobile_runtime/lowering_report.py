@@ -16,7 +16,7 @@ REPORT_VERSION = 1
 # Fallbacks that the model rewrites exist to avoid; any of them left in a program is a defect, not a detail.
 FORBIDDEN_FALLBACKS = ("native_layer_norm", "roll", "select", "expand_copy")
 # Graph plumbing that is not computation.
-_PLUMBING = {"getitem", "output", "placeholder", "get_attr"}
+_PLUMBING = {"alloc", "getitem", "output", "placeholder", "get_attr"}
 
 
 def delegation_summary(graph_module: torch.fx.GraphModule) -> dict[str, Any]:

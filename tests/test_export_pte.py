@@ -176,3 +176,14 @@ def test_export_bad_input(refer_root, tmp_path, capsys):
     bad.write_bytes(b"not a program")
     with pytest.raises(PteInputError, match="re-export"):
         PteProgram(bad)
+
+
+def test_benchmark_prints_ratios_measured_in_one_run(exported, capsys):
+    from mobile_runtime.benchmark import main as bench
+
+    _, out = exported
+    assert bench([f"float={out.with_name('model.float.pte')}", f"int8={out}", "--threads", "1", "--runs", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "threads=1" in text and "size ratio" in text
+    int8_row = next(line for line in text.splitlines() if line.startswith("int8") and "." in line.split()[1])
+    assert 0 < float(int8_row.split()[2]) < 0.5  # the size ratio of the int8 program
