@@ -233,6 +233,11 @@ def export_artifact(
         "recipe": {"method": recipe.method, "bits": recipe.bits},
         "programs": {},
     }
+    # Programs exported earlier from the same artifact (e.g. the full model, before the stages) stay in the report.
+    if paths["report"].is_file():
+        earlier = json.loads(paths["report"].read_text())
+        if earlier.get("artifact") == report["artifact"] and earlier.get("version") == REPORT_VERSION:
+            report["programs"] = {n: p for n, p in earlier["programs"].items() if paths[n].is_file()}
     jobs = [(stage, True) for stage in stages] + ([("full", False)] if float_program else [])
     for stage, quantized in jobs:
         name = stage if quantized else "float"

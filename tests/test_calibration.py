@@ -146,6 +146,15 @@ def test_drq_only_from_its_minimum_bits():
     assert not make_recipe("rorq-only", "w8a8").softmax_drq
 
 
+def test_text_groups_follow_the_activation_bits():
+    assert make_recipe("ptq4ris-deploy", "w8a8").text_group_count == 8
+    assert make_recipe("ptq4ris-deploy", "w4a8").text_group_count == 8
+    assert make_recipe("ptq4ris-deploy", "w4a4").text_group_count == 96
+    assert make_recipe("ptq4ris-deploy", "w8a8", text_groups=32).text_group_count == 32
+    with pytest.raises(ValueError, match="text_groups"):
+        make_recipe("ptq4ris-deploy", "w8a8", text_groups=-1)
+
+
 def _quantizer_kinds(recipe):
     sites = place_quantizers(build_model("lavt-tiny").eval(), recipe)
     return {type(q).__name__ for s in sites for q in quantizers_of(s).values()}

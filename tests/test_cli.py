@@ -26,7 +26,7 @@ def run_json(capsys, *argv) -> dict:
 
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "quantize.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("data", "train", "evaluate", "calibrate", "analyze"):
+    for command in ("data", "train", "evaluate", "calibrate", "analyze", "export-pte", "parity"):
         assert command in out.stdout
     out = subprocess.run(
         [sys.executable, "-m", "quantize.cli", "evaluate", "--help"], capture_output=True, text=True, check=True

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mobile_runtime.lowering_report import format_report
 from mobile_runtime.runtime import PteInputError, PteProgram
 from quantize.calibration.artifact import save_quantized
 from quantize.calibration.calibrate import calibrate, calibration_batch
@@ -86,6 +87,8 @@ def test_lowering_report_proves_int8_kernels(exported):
     assert "2 int8 streams (DRQ regions)" in ways and any("RORQ channel groups" in w for w in ways)
     assert "F32 bmm; DRQ regions as exact float ops" in ways and "int8 table (embedding_byte)" in ways
     assert full["bytes"] < 0.5 * programs["float"]["bytes"]
+    table = format_report(report)
+    assert "full:" in table and "XNNPACK partition" in table and "kernel Fully Connected (NC, QS8, QC8W)" in table
 
 
 def test_parity_of_the_deployed_program(exported, refer_root, capsys):
