@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
-from torchao.quantization.pt2e.observer import MinMaxObserver, ObserverBase
+from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver, ObserverBase
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
 from .deploy_form import ActGrid, DeployMatMul, QuantStream, WeightGrid
@@ -108,14 +108,23 @@ def table_spec(scale: torch.Tensor) -> QuantizationSpec:
     )
 
 
-OUTPUT_SPEC = QuantizationSpec(
-    dtype=torch.int8,
-    quant_min=-128,
-    quant_max=127,
-    qscheme=torch.per_tensor_affine,
-    is_dynamic=False,
-    observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12),
-)
+# How GEMM output ranges are observed. The histogram observer picks the range that minimises the int8 rounding +
+# clipping error; on lavt-tiny W8A8 (100 val pairs) it beats min-max: 99.961% vs 99.931% mask agreement, max logit
+# difference 13.4 vs 25.1.
+OUTPUT_OBSERVERS = {"histogram": HistogramObserver, "minmax": MinMaxObserver}
+
+
+def output_spec(observer: str = "histogram") -> QuantizationSpec:
+    if observer not in OUTPUT_OBSERVERS:
+        raise ValueError(f"unknown output observer {observer!r}: choose one of {', '.join(OUTPUT_OBSERVERS)}")
+    return QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=OUTPUT_OBSERVERS[observer].with_args(eps=2**-12),
+    )
 
 
 def _owner(node: fx.Node) -> str | None:
@@ -134,10 +143,12 @@ class CalibratedQuantizer(Quantizer):
         deploy_model: the module returned by :func:`~mobile_runtime.deploy_form.to_deploy_form` that was exported.
         required: names of the sites the exported program must contain (default: all of them); validation fails
             if one was not found, so a renamed module cannot silently leave a layer in float.
+        output_observer: how the int8 ranges of GEMM outputs are observed: ``histogram`` or ``minmax``.
     """
 
-    def __init__(self, deploy_model: torch.nn.Module, required=None) -> None:
+    def __init__(self, deploy_model: torch.nn.Module, required=None, output_observer: str = "histogram") -> None:
         super().__init__()
+        self.output_spec = output_spec(output_observer)
         self.required = None if required is None else set(required)
         self.streams = {n: m for n, m in deploy_model.named_modules() if isinstance(m, QuantStream)}
         self.matmuls = {n: m for n, m in deploy_model.named_modules() if isinstance(m, DeployMatMul)}
@@ -155,7 +166,7 @@ class CalibratedQuantizer(Quantizer):
                 x, w = node.args[0], node.args[1]
                 node.meta["quantization_annotation"] = QuantizationAnnotation(
                     input_qspec_map={x: act_spec(stream.grid), w: weight_spec(stream.weight_grid)},
-                    output_qspec=OUTPUT_SPEC,
+                    output_qspec=self.output_spec,
                     _annotated=True,
                 )
                 seen[owner] = seen.get(owner, 0) + 1

@@ -101,7 +101,11 @@ class ExportResult:
 
 
 def calibrated_graph(
-    calibrated: nn.Module, stage: str, example: tuple[torch.Tensor, ...], calib: list[tuple[torch.Tensor, ...]]
+    calibrated: nn.Module,
+    stage: str,
+    example: tuple[torch.Tensor, ...],
+    calib: list[tuple[torch.Tensor, ...]],
+    output_observer: str = "histogram",
 ) -> tuple[torch.fx.GraphModule, list[SiteLowering], dict[str, float]]:
     """The converted PT2E graph of ``stage`` with the calibrated grids (the graph both backends lower)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -116,7 +120,8 @@ def calibrated_graph(
     seconds["export"] = time.perf_counter() - t
     t = time.perf_counter()
     sites_in_program = [n for n, m in program.named_modules() if isinstance(m, (QuantStream, DeployMatMul))]
-    quantizer = CalibratedQuantizer(program, required=[n for n in sites_in_program if _in_stage(n, stage)])
+    required = [n for n in sites_in_program if _in_stage(n, stage)]
+    quantizer = CalibratedQuantizer(program, required=required, output_observer=output_observer)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for inputs in calib:
@@ -141,6 +146,7 @@ def export_program(
     example: tuple[torch.Tensor, ...],
     calib: list[tuple[torch.Tensor, ...]] | None,
     quantized: bool = True,
+    output_observer: str = "histogram",
 ) -> ExportResult:
     """Lower one program of a calibrated model (or, with ``quantized=False``, of its float weights) to a ``.pte``."""
     import executorch.kernels.quantized  # noqa: F401  (out variants of the int8 embedding ops)
@@ -153,7 +159,7 @@ def export_program(
     if quantized:
         if not calib:
             raise ValueError("a quantized program needs calibration pairs to observe its GEMM output ranges")
-        module, result.sites, result.seconds = calibrated_graph(calibrated, stage, example, calib)
+        module, result.sites, result.seconds = calibrated_graph(calibrated, stage, example, calib, output_observer)
     else:
         module = Stage(_float_copy(calibrated), stage).eval()
     t = time.perf_counter()
@@ -199,6 +205,7 @@ def export_artifact(
     float_program: bool = True,
     calib_pairs: int = 32,
     kernels: bool = True,
+    output_observer: str = "histogram",
     log=print,
 ) -> dict:
     """Export the programs of a calibrated artifact and write the lowering report; returns the report.
@@ -211,6 +218,7 @@ def export_artifact(
         float_program: also export the float model (full) for comparison.
         calib_pairs: calibration pairs for the output ranges (the first of the artifact's calibration set).
         kernels: run each program once with ETDump and list the XNNPACK kernels that executed.
+        output_observer: how GEMM output ranges are observed (``histogram`` or ``minmax``).
     """
     import json
 
@@ -231,6 +239,7 @@ def export_artifact(
         "version": REPORT_VERSION,
         "artifact": str(quantized_dir),
         "recipe": {"method": recipe.method, "bits": recipe.bits},
+        "output_observer": output_observer,
         "programs": {},
     }
     # Programs exported earlier from the same artifact (e.g. the full model, before the stages) stay in the report.
@@ -243,7 +252,7 @@ def export_artifact(
         name = stage if quantized else "float"
         pairs = [stage_inputs(model, stage, *pair) for pair in calib]
         log(f"exporting {name} program ...")
-        result = export_program(model, stage, pairs[0], pairs, quantized=quantized)
+        result = export_program(model, stage, pairs[0], pairs, quantized=quantized, output_observer=output_observer)
         write_atomic(paths[name], result.buffer)
         found = kernel_names(result.buffer, pairs[0]) if kernels else None
         report["programs"][name] = {"path": paths[name].name, **program_report(result, found)}

@@ -27,27 +27,29 @@ MARKER = "<!-- deployment section: written by python -m mobile_runtime.results -
 
 
 def _parity_cell(name: str, pte: Path, artifact: Path, refer_root: str, cache: Path) -> dict:
-    cell = cache / f"pte-{name}.json"
+    """Parity of one program (cached as ``pte-<name>-parity.json``, the output of ``ptq4ris parity --out``) with
+    its lowering report attached."""
+    cell = cache / f"pte-{name}-parity.json"
     if cell.is_file():
-        return json.loads(cell.read_text())
-    from quantize.calibration.artifact import load_quantized
-    from quantize.data.preprocess import Tokenizer
-    from quantize.data.refer import ReferDataset
-    from quantize.models.registry import text_encoder_dir
+        report = json.loads(cell.read_text())
+    else:
+        from quantize.calibration.artifact import load_quantized
+        from quantize.data.preprocess import Tokenizer
+        from quantize.data.refer import ReferDataset
+        from quantize.models.registry import text_encoder_dir
 
-    from .parity import run_parity
+        from .parity import run_parity
 
-    model, recipe, _ = load_quantized(artifact)
-    cfg = model.config
-    val = ReferDataset(refer_root, "shapesref", "unc", "val", Tokenizer(text_encoder_dir(), 20), cfg.swin.img_size)
-    report = run_parity(model, str(pte), val, progress=True)
-    report["recipe"] = f"{recipe.method} {recipe.bits}"
+        model, recipe, _ = load_quantized(artifact)
+        cfg = model.config
+        tokenizer = Tokenizer(text_encoder_dir(), cfg.preprocess.max_tokens)
+        val = ReferDataset(refer_root, "shapesref", "unc", "val", tokenizer, cfg.swin.img_size)
+        report = run_parity(model, str(pte), val, progress=True)
+        report["recipe"] = f"{recipe.method} {recipe.bits}"
+        write_atomic(cell, json.dumps(report, indent=2, default=str).encode())
     lowering = json.loads(program_paths(pte)["report"].read_text())["programs"]["full"]
-    report["lowering"] = {
-        k: lowering[k] for k in ("bytes", "delegation", "lowered_as", "weight_storage", "kernels", "seconds")
-    }
-    write_atomic(cell, json.dumps(report, indent=2, default=str).encode())
-    return report
+    keep = ("bytes", "delegation", "lowered_as", "weight_storage", "kernels", "seconds")
+    return {**report, "lowering": {k: lowering[k] for k in keep}}
 
 
 def render_section(cells: dict[str, dict], bench: dict | None, float_bytes: int | None) -> str:
