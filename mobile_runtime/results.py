@@ -113,6 +113,12 @@ def render_section(cells: dict[str, dict], bench: dict | None, float_bytes: int 
                 ratio = next(v for k, v in s.items() if k.startswith("ratio_to_"))
                 row.append(f"{s['median_ms']:.1f} ({ratio:.2f}×)")
             lines.append(f"| {name} | " + " | ".join(row) + " |")
+        sizes = bench["sizes"]
+        base = next(iter(sizes.values()))
+        lines += [
+            "",
+            "File sizes: " + ", ".join(f"{n} {b / 1e6:.2f} MB ({b / base:.3f}×)" for n, b in sizes.items()) + ".",
+        ]
     lines.append("")
     return "\n".join(lines)
 
