@@ -7,7 +7,8 @@ The flow, once per program (the full model, or one stage of it):
    (calibrated grids fixed; GEMM output ranges observed on the calibration pairs) → ``convert_pt2e``: the one
    annotated PT2E graph both backends consume;
 3. ``torch.export`` of the converted graph → ``to_edge_transform_and_lower`` with ``XnnpackPartitioner`` →
-   ``to_executorch`` (the int8 text-embedding table fused by ``do_quant_fusion_and_const_prop``) → an atomic write.
+   ``to_executorch`` (the 8-bit word table fused into ``embedding_byte`` by ``do_quant_fusion_and_const_prop``) → an
+   atomic write.
 
 The float program takes the same path without step 2, so the two differ only in quantization.
 """
@@ -134,7 +135,7 @@ def calibrated_graph(
         if any(k.startswith(f"model.{s.site}.") or k == f"model.{s.site}" for k in quantizer.annotated)
     }
     tables = [
-        SiteLowering(n, "embedding", "text", "int8_per_row", "int8 table (embedding_byte)", 1, "int8 per row")
+        SiteLowering(n, "embedding", "text", "uint8_per_row", "8-bit table (embedding_byte)", 1, "uint8 per row")
         for n in quantizer.embeddings
     ]
     return converted, [s for s in sites if s.site in used] + tables, seconds
