@@ -221,9 +221,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "encoder, Hessian-guided scale search) or a baseline, on 32 (image, expression) pairs: the first "
         "expression of each of the first refs of --calib-split. Writes OUT/config.json, OUT/model.safetensors "
         "and OUT/qparams.json, which `ptq4ris evaluate --quantized OUT` and the exporters reload. The same seed and "
-        "data give identical qparams. Methods: "
-        + "; ".join(f"{name}: {METHOD_HELP[name]}" for name in METHODS)
-        + ".",
+        "data give identical qparams. Methods: " + "; ".join(f"{name}: {METHOD_HELP[name]}" for name in METHODS) + ".",
     )
     p.add_argument("--model", default="lavt-tiny", help="registered model name (default: %(default)s)")
     p.add_argument("--checkpoint", default=None, help="official LAVT .pth or .safetensors (lavt-b needs it)")
@@ -340,6 +338,13 @@ def _add_export_pte(sub: argparse._SubParsersAction) -> None:
         choices=["full", "text", "visual"],
         help="quantized programs to write (default: all)",
     )
+    p.add_argument(
+        "--output-observer",
+        default="histogram",
+        choices=["histogram", "minmax"],
+        help="how the int8 ranges of GEMM outputs (the one step the simulation lacks) are observed "
+        "(default: %(default)s)",
+    )
     p.add_argument("--no-float", action="store_true", help="skip the float comparison program")
     p.add_argument("--no-kernels", action="store_true", help="skip the ETDump run that lists executed kernels")
     p.add_argument("--json", action="store_true", help="print the lowering report as JSON instead of a table")
@@ -358,6 +363,7 @@ def _run_export_pte(args: argparse.Namespace) -> int:
         stages=tuple(args.stages),
         float_program=not args.no_float,
         kernels=not args.no_kernels,
+        output_observer=args.output_observer,
         log=log,
     )
     print(json.dumps(report) if args.json else format_report(report))
