@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantize.calibration.placement import QuantMatMul, quantized_sites
+from quantize.calibration.placement import QuantMatMul, quantized_sites, set_submodule
 from quantize.calibration.quantizers import (
     DrqGeluQuantizer,
     DrqSoftmaxQuantizer,
@@ -305,11 +305,6 @@ def _uniform(q: FakeQuantizer, name: str) -> UniformQuantizer:
     return q
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def simulate_streams(model: nn.Module, enabled: bool = True) -> None:
     """Make every stream of a deploy form round its inputs onto their grids in float: the model then computes what
     the integer graph computes, minus the int8 re-quantization of GEMM outputs."""
@@ -329,6 +324,6 @@ def to_deploy_form(calibrated: nn.Module) -> tuple[nn.Module, list[SiteLowering]
     records = []
     for site in quantized_sites(model):
         lowered, record = _lower_matmul(site) if isinstance(site, QuantMatMul) else _lower_layer(site)
-        _set_submodule(model, site.info.name, lowered)
+        set_submodule(model, site.info.name, lowered)
         records.append(record)
     return model, records

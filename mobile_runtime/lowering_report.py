@@ -3,7 +3,6 @@ left, and (from an ETDump run) the XNNPACK kernels that actually executed — th
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -105,7 +104,3 @@ def format_report(report: dict[str, Any]) -> str:
         for kernel, n in prog["kernels"].items():
             lines.append(f"    kernel {kernel} x{n}")
     return "\n".join(lines)
-
-
-def load_report(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -8,10 +8,9 @@ delta per pair, and, where there is ground truth, both models' mIoU / oIoU.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,11 +43,9 @@ class ParityAccumulator:
     max_lsb: float = 0.0
     sum_iou_delta: float = 0.0
     max_iou_delta: float = 0.0
-    worst: list | None = None
-
-    def __post_init__(self) -> None:
-        self.sim_metrics, self.dep_metrics = RisMetrics(), RisMetrics()
-        self.worst = []
+    worst: list = field(default_factory=list)
+    sim_metrics: RisMetrics = field(default_factory=RisMetrics)
+    dep_metrics: RisMetrics = field(default_factory=RisMetrics)
 
     def update(
         self,
@@ -202,7 +199,3 @@ def format_parity(report: dict[str, Any]) -> str:
         worst = ", ".join(f"{w['pair']} ({w['mask_iou_vs_simulated']:.3f})" for w in r["worst_pairs"][:3])
         lines.append(f"worst {name}: {worst}")
     return "\n".join(lines)
-
-
-def dumps(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, default=str)

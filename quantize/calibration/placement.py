@@ -43,6 +43,7 @@ __all__ = [
     "quantized_sites",
     "rebuild_quantizers",
     "set_quantization",
+    "set_submodule",
 ]
 
 
@@ -217,7 +218,8 @@ def float_sites(model: nn.Module, recipe: Recipe | None = None) -> list[tuple[st
     return sorted(found, key=lambda t: _FLOW_ORDER[t[2].modality])  # stable: module order within a part
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` of ``model`` by ``module``."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -241,7 +243,7 @@ def place_quantizers(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
             q = _QUANT_CLASS[type(module)].from_float(
                 module, info, _activation_quantizer(info, recipe, channels), _weight_quantizer(module.weight, recipe)
             )
-        _set_submodule(model, name, q)
+        set_submodule(model, name, q)
         placed.append(q)
     return placed
 
