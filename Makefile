@@ -15,7 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 # Main job (for now): write ShapesRef (val, and the 64 train scenes calibration draws from), score the embedded
 # lavt-tiny on val, calibrate it with PTQ4RIS (deployable form) at W8A8, score the simulated quantized model, export
-# the .pte for Android and check on the ExecuTorch runtime that it computes what was simulated.
+# the .pte for Android and the .mlpackage for iPhone from the same calibration, and check that each computes what was
+# simulated (the .pte on the ExecuTorch runtime over all val pairs; the package with the MIL interpreter over the
+# first 300, since interpreting it in numpy is ~8x slower).
 demo: setup
 	$(BIN)/ptq4ris data synth --out $(DATA) --splits train val --train-scenes 64
 	$(BIN)/ptq4ris evaluate --refer-root $(DATA) --split val
@@ -25,6 +27,10 @@ demo: setup
 		--stages full
 	$(BIN)/ptq4ris parity --refer-root $(DATA) --split val --quantized runs/lavt-tiny-w8a8 \
 		--pte runs/pte/lavt-tiny-w8a8.pte
+	$(BIN)/ptq4ris export-coreml --refer-root $(DATA) --quantized runs/lavt-tiny-w8a8 \
+		--out runs/coreml/lavt-tiny-w8a8.mlpackage
+	$(BIN)/ptq4ris parity --refer-root $(DATA) --split val --quantized runs/lavt-tiny-w8a8 \
+		--coreml runs/coreml/lavt-tiny-w8a8.mlpackage --limit 300
 
 test: setup
 	$(BIN)/python -m pytest -q

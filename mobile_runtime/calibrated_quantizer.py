@@ -178,21 +178,25 @@ class CalibratedQuantizer(Quantizer):
                     qmap[a] = act_spec(mm.a_grid)
                 node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=qmap, _annotated=True)
                 seen[owner] = seen.get(owner, 0) + 1
-            elif node.target == _EMBEDDING and owner is not None and owner.endswith("word_embeddings"):
-                self._annotate_table(model, node)
+            elif (
+                node.target == _EMBEDDING
+                and owner is not None
+                and owner.endswith("word_embeddings")
+                and self._annotate_table(model, node)
+            ):
                 self.embeddings.append(owner.removeprefix("model."))
         self.annotated = seen
         return model
 
     @staticmethod
-    def _annotate_table(model: fx.GraphModule, node: fx.Node) -> None:
+    def _annotate_table(model: fx.GraphModule, node: fx.Node) -> bool:
         """The word table in 8 bits, one scale per row (ExecuTorch fuses it into ``embedding_byte``). Not part of the
         PTQ4RIS recipe: a lookup costs no compute, only size, and a row keeps half a step of its own range (the
         parity figures include it). The position and token-type tables are read at constant indices and fold
-        into one constant at export."""
+        into one constant at export. A table already quantized (4-bit, by torchao before export) is left alone."""
         weight = node.args[0]
         if weight.op != "get_attr":
-            return
+            return False
         table = model
         for part in weight.target.split("."):
             table = getattr(table, part)
@@ -200,6 +204,7 @@ class CalibratedQuantizer(Quantizer):
         node.meta["quantization_annotation"] = QuantizationAnnotation(
             input_qspec_map={weight: table_spec(scale)}, _annotated=True
         )
+        return True
 
     def validate(self, model: fx.GraphModule) -> None:
         required = self.required if self.required is not None else set(self.streams) | set(self.matmuls)

@@ -107,14 +107,22 @@ def calibrated_graph(
     example: tuple[torch.Tensor, ...],
     calib: list[tuple[torch.Tensor, ...]],
     output_observer: str = "histogram",
+    table_bits: int = 8,
 ) -> tuple[torch.fx.GraphModule, list[SiteLowering], dict[str, float]]:
-    """The converted PT2E graph of ``stage`` with the calibrated grids (the graph both backends lower)."""
+    """The converted PT2E graph of ``stage`` with the calibrated grids (the graph both backends lower).
+
+    ``table_bits``: the word table in 8 bits (one scale per row) or 4 bits (symmetric, one scale per group of
+    :data:`TABLE_GROUP` values; the W4 settings, where the 8-bit table would be 40% of the weights)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from .calibrated_quantizer import CalibratedQuantizer
 
+    if table_bits not in (4, 8):
+        raise ValueError(f"table_bits must be 4 or 8, got {table_bits}")
     seconds = {}
     deploy, sites = to_deploy_form(calibrated)
+    if table_bits == 4:
+        _quantize_table_4bit(deploy)
     program = Stage(deploy, stage).eval()
     t = time.perf_counter()
     graph = torch.export.export(program, example).module()
@@ -138,7 +146,35 @@ def calibrated_graph(
         SiteLowering(n, "embedding", "text", "uint8_per_row", "8-bit table (embedding_byte)", 1, "uint8 per row")
         for n in quantizer.embeddings
     ]
+    if table_bits == 4 and stage != "visual":
+        tables.append(
+            SiteLowering(
+                "text_encoder.embeddings.word_embeddings", "embedding", "text", f"int4_group{TABLE_GROUP}",
+                "4-bit table (embedding_4bit)", 1, f"int4 per group of {TABLE_GROUP}",
+            )
+        )
     return converted, [s for s in sites if s.site in used] + tables, seconds
+
+
+# Values per scale of the 4-bit word table: 32 keeps the table's error below the 4-bit weights' (one group of a row
+# holds no outlier of another) for 1/8 of the table's bytes in fp32 scales.
+TABLE_GROUP = 32
+
+
+def _quantize_table_4bit(deploy: nn.Module) -> None:
+    """The word table as torchao int4 groups, which ExecuTorch fuses into ``embedding_4bit`` and coremltools turns
+    into an int4 constexpr lookup table."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    def is_table(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Embedding) and name.endswith("word_embeddings")
+
+    for name, module in deploy.named_modules():
+        if is_table(module, name):
+            # padding_idx only shapes gradients, and ExecuTorch's embedding_4bit fusion matches the two-argument call.
+            module.padding_idx = None
+    quantize_(deploy, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(TABLE_GROUP)), is_table)
 
 
 def export_program(
@@ -148,6 +184,7 @@ def export_program(
     calib: list[tuple[torch.Tensor, ...]] | None,
     quantized: bool = True,
     output_observer: str = "histogram",
+    table_bits: int = 8,
 ) -> ExportResult:
     """Lower one program of a calibrated model (or, with ``quantized=False``, of its float weights) to a ``.pte``."""
     import executorch.kernels.quantized  # noqa: F401  (out variants of the int8 embedding ops)
@@ -160,7 +197,9 @@ def export_program(
     if quantized:
         if not calib:
             raise ValueError("a quantized program needs calibration pairs to observe its GEMM output ranges")
-        module, result.sites, result.seconds = calibrated_graph(calibrated, stage, example, calib, output_observer)
+        module, result.sites, result.seconds = calibrated_graph(
+            calibrated, stage, example, calib, output_observer, table_bits
+        )
     else:
         module = Stage(_float_copy(calibrated), stage).eval()
     t = time.perf_counter()
@@ -253,7 +292,9 @@ def export_artifact(
         name = stage if quantized else "float"
         pairs = [stage_inputs(model, stage, *pair) for pair in calib]
         log(f"exporting {name} program ...")
-        result = export_program(model, stage, pairs[0], pairs, quantized=quantized, output_observer=output_observer)
+        result = export_program(
+            model, stage, pairs[0], pairs, quantized, output_observer, table_bits=table_bits(recipe)
+        )
         write_atomic(paths[name], result.buffer)
         found = kernel_names(result.buffer, pairs[0]) if kernels else None
         report["programs"][name] = {"path": paths[name].name, **program_report(result, found)}
@@ -263,6 +304,11 @@ def export_artifact(
         )
     write_atomic(paths["report"], json.dumps(report, indent=2).encode())
     return report
+
+
+def table_bits(recipe) -> int:
+    """The word table's bits for a recipe: 4 with 4-bit weights (where an 8-bit table would dominate the file), else 8."""
+    return 4 if recipe.weight_bits <= 4 else 8
 
 
 def _calibration_data(model, config: dict, refer_root, pairs: int) -> list[tuple[torch.Tensor, ...]]:

@@ -17,7 +17,15 @@ import torch
 
 from quantize.metrics import RisMetrics, intersection_union
 
-__all__ = ["ParityAccumulator", "format_parity", "natural_photo_pairs", "parity_on_dataset", "parity_on_pairs"]
+__all__ = [
+    "ParityAccumulator",
+    "format_parity",
+    "natural_photo_pairs",
+    "parity_on_dataset",
+    "parity_on_pairs",
+    "parity_report",
+    "run_parity",
+]
 
 # Photographs that scikit-image ships (real scenes, not random tensors), with expressions a user would type.
 NATURAL_PHOTOS: tuple[tuple[str, str], ...] = (
@@ -160,6 +168,26 @@ def parity_on_pairs(simulated: torch.nn.Module, deployed: Callable, pairs) -> di
     return acc.summary()
 
 
+def parity_report(
+    simulated: torch.nn.Module,
+    deployed: Callable,
+    dataset,
+    image_size: int,
+    limit: int | None = None,
+    photos: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Parity of any full-model ``deployed(image, ids, mask) -> logits`` against ``simulated`` on ``dataset`` and
+    (optionally) natural photographs resized to ``image_size``."""
+    sets = {
+        f"{dataset.dataset} {dataset.split}": parity_on_dataset(simulated, deployed, dataset, limit, progress=progress)
+    }
+    if photos:
+        pairs = natural_photo_pairs(dataset.tokenizer, image_size)
+        sets["natural photographs"] = parity_on_pairs(simulated, deployed, pairs)
+    return {"sets": sets}
+
+
 def run_parity(
     simulated: torch.nn.Module, pte: str, dataset, limit: int | None = None, photos: bool = True, progress: bool = False
 ) -> dict[str, Any]:
@@ -167,21 +195,16 @@ def run_parity(
     from .runtime import PteProgram
 
     program = PteProgram(pte, names=("image", "input_ids", "attention_mask"))
-    sets = {
-        f"{dataset.dataset} {dataset.split}": parity_on_dataset(simulated, program, dataset, limit, progress=progress)
-    }
-    if photos:
-        size = program.input_shapes[0][-1]
-        sets["natural photographs"] = parity_on_pairs(simulated, program, natural_photo_pairs(dataset.tokenizer, size))
-    return {"sets": sets}
+    return parity_report(simulated, program, dataset, program.input_shapes[0][-1], limit, photos, progress)
 
 
-def format_parity(report: dict[str, Any]) -> str:
-    """The parity report as a plain-text table."""
-    lines = [f"parity of {report.get('pte', '?')} against the simulated model {report.get('quantized', '?')}", ""]
+def format_parity(report: dict[str, Any], label: str = "pte") -> str:
+    """The parity report as a plain-text table; ``label`` names the deployed backend's columns."""
+    deployed = report.get(label) or report.get("pte") or report.get("coreml", "?")
+    lines = [f"parity of {deployed} against the simulated model {report.get('quantized', '?')}", ""]
     header = (
         f"{'inputs':<22} {'pairs':>6} {'mask agree %':>13} {'max |Δlogit|':>13} {'(LSB)':>7} "
-        f"{'sim mIoU':>9} {'pte mIoU':>9} {'sim oIoU':>9} {'pte oIoU':>9}"
+        f"{'sim mIoU':>9} {label + ' mIoU':>9} {'sim oIoU':>9} {label + ' oIoU':>9}"
     )
     lines.append(header)
     for name, r in report["sets"].items():

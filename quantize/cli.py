@@ -310,6 +310,34 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_args(p: argparse.ArgumentParser, kind: str, suffix: str, stages: list[str]) -> None:
+    """Arguments export-pte and export-coreml share: both lower the same calibrated graph."""
+    p.add_argument("--quantized", required=True, help="folder written by `ptq4ris calibrate`")
+    p.add_argument("--out", required=True, help=f"the full model's {suffix}; other {kind}s are written beside it")
+    p.add_argument(
+        "--refer-root",
+        default=DEFAULT_DATA_ROOT,
+        help="refer root with the artifact's calibration split: int8 GEMM output ranges are observed on it "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=stages,
+        choices=["full", "text", "visual"],
+        help=f"quantized {kind}s to write (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output-observer",
+        default="histogram",
+        choices=["histogram", "minmax"],
+        help="how the int8 ranges of GEMM outputs (the one step the simulation lacks) are observed "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--no-float", action="store_true", help=f"skip the float comparison {kind}")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
 def _add_export_pte(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export-pte",
@@ -323,31 +351,8 @@ def _add_export_pte(sub: argparse._SubParsersAction) -> None:
         "attention_mask int64 [1,20]. Element-wise RORQ tiers have no integer lowering: export artifacts of "
         "--method ptq4ris-deploy.",
     )
-    p.add_argument("--quantized", required=True, help="folder written by `ptq4ris calibrate`")
-    p.add_argument("--out", required=True, help="the full model's .pte; other programs are written beside it")
-    p.add_argument(
-        "--refer-root",
-        default=DEFAULT_DATA_ROOT,
-        help="refer root with the artifact's calibration split: int8 GEMM output ranges are observed on it "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--stages",
-        nargs="+",
-        default=["full", "text", "visual"],
-        choices=["full", "text", "visual"],
-        help="quantized programs to write (default: all)",
-    )
-    p.add_argument(
-        "--output-observer",
-        default="histogram",
-        choices=["histogram", "minmax"],
-        help="how the int8 ranges of GEMM outputs (the one step the simulation lacks) are observed "
-        "(default: %(default)s)",
-    )
-    p.add_argument("--no-float", action="store_true", help="skip the float comparison program")
+    _add_export_args(p, "program", ".pte", ["full", "text", "visual"])
     p.add_argument("--no-kernels", action="store_true", help="skip the ETDump run that lists executed kernels")
-    p.add_argument("--json", action="store_true", help="print the lowering report as JSON instead of a table")
     p.set_defaults(func=_run_export_pte)
 
 
@@ -370,16 +375,84 @@ def _run_export_pte(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-coreml",
+        help="convert a calibrated model to Core ML packages (.mlpackage) for iPhone",
+        description="Convert a model written by `ptq4ris calibrate` to a Core ML ML program from the same annotated "
+        "PT2E graph the .pte is lowered from, so both carry the same calibrated scales: activations as Core ML "
+        "quantize/dequantize ops with our scales, weights as int8 constexpr data (int4 for W4 settings, iOS18). "
+        "Writes the full model to --out and, beside it, the float package (<name>.float.mlpackage), any stage "
+        "packages asked for (<name>.text.mlpackage, <name>.visual.mlpackage) and an export report "
+        "(<name>.coreml.json). Inputs: image float32 [1,3,S,S], input_ids and attention_mask int32 [1,20]; "
+        "output: mask logits declared float32. Nothing runs Core ML off macOS: check the package with "
+        "`ptq4ris parity --coreml`.",
+    )
+    p.add_argument(
+        "--target",
+        default="iOS18",
+        choices=["iOS17", "iOS18"],
+        help="minimum deployment target: iOS17 has int8 activations and weights, iOS18 adds int4 weights "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp16",
+        choices=["fp16", "fp32"],
+        help="compute precision of the float ops: fp16 runs on the Neural Engine, fp32 on CPU/GPU only "
+        "(default: %(default)s)",
+    )
+    _add_export_args(p, "package", ".mlpackage", ["full"])
+    p.set_defaults(func=_run_export_coreml)
+
+
+def _run_export_coreml(args: argparse.Namespace) -> int:
+    from ios_export.export_coreml import export_artifact
+
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    report = export_artifact(
+        args.quantized,
+        args.out,
+        refer_root=args.refer_root,
+        stages=tuple(args.stages),
+        float_package=not args.no_float,
+        target=args.target,
+        precision=args.precision,
+        output_observer=args.output_observer,
+        log=log,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"Core ML packages ({report['target']}, {report['compute_precision']} compute precision):")
+    for name, pkg in report["packages"].items():
+        print(f"  {name:<7} {pkg['path']:<40} weights {pkg['weight_bytes'] / 1e6:8.2f} MB  ({pkg['seconds']:.0f} s)")
+    return 0
+
+
 def _add_parity(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "parity",
-        help="check that a .pte computes what the calibrated model simulated",
-        description="Run a full-model .pte with the ExecuTorch runtime and the simulated (fake-quant) model on the "
+        help="check that a .pte or .mlpackage computes what the calibrated model simulated",
+        description="Run a full-model .pte with the ExecuTorch runtime (or a .mlpackage with the numpy MIL "
+        "interpreter, fp16 storage emulated) and the simulated (fake-quant) model on the "
         "same inputs — every pair of a refer split and scikit-image's natural photographs with typed expressions — "
         "and report mask-pixel agreement, the largest logit difference (absolute and in LSBs of an 8-bit grid over "
         "the simulated logits' range), IoU deltas, and both models' mIoU / oIoU.",
     )
-    p.add_argument("--pte", required=True, help="full-model program written by `ptq4ris export-pte`")
+    backend = p.add_mutually_exclusive_group(required=True)
+    backend.add_argument("--pte", help="full-model program written by `ptq4ris export-pte`")
+    backend.add_argument(
+        "--coreml",
+        help="full-model package written by `ptq4ris export-coreml`, executed by the MIL interpreter (stage packages "
+        "beside it are checked too)",
+    )
+    p.add_argument(
+        "--first-divergence",
+        action="store_true",
+        help="with --coreml: run the package op by op beside the graph it was converted from, on the first pair, and "
+        "name the first op whose output departs beyond tolerance",
+    )
     p.add_argument("--quantized", required=True, help="the calibrated folder the program was exported from")
     _add_data_args(p)
     p.add_argument("--limit", type=int, default=None, help="first N pairs of the split only (default: all)")
@@ -394,17 +467,57 @@ def _run_parity(args: argparse.Namespace) -> int:
 
     from .calibration.artifact import load_quantized
 
-    model, recipe, _ = load_quantized(args.quantized)
+    model, recipe, config = load_quantized(args.quantized)
     dataset = _dataset(args, model.config)
-    report = run_parity(model, args.pte, dataset, limit=args.limit, photos=not args.no_photos, progress=not args.json)
-    report.update(pte=args.pte, quantized=args.quantized, recipe=f"{recipe.method} {recipe.bits}")
+    if args.coreml:
+        from ios_export import parity as coreml_parity
+
+        report = coreml_parity.run_parity(
+            model, args.coreml, dataset, limit=args.limit, photos=not args.no_photos, progress=not args.json
+        )
+        report.update(coreml=args.coreml)
+        if args.first_divergence:
+            report["first_divergence"] = _coreml_first_divergence(args, model, recipe, config, dataset)
+        label = "coreml"
+    else:
+        report = run_parity(
+            model, args.pte, dataset, limit=args.limit, photos=not args.no_photos, progress=not args.json
+        )
+        report.update(pte=args.pte)
+        label = "pte"
+    report.update(quantized=args.quantized, recipe=f"{recipe.method} {recipe.bits}")
     text = json.dumps(report, indent=2, default=str)
     if args.out:
         from mobile_runtime.export_pte import write_atomic
 
         write_atomic(Path(args.out), text.encode())
-    print(text if args.json else format_parity(report))
+    print(text if args.json else format_parity(report, label))
+    if not args.json and "stages" in report:
+        st = report["stages"]
+        print(
+            f"stage packages on {st['pairs']} pairs: text features (real tokens) max |Δ| "
+            f"{st['text']['max_abs_feature_diff']:.3g}, mean |Δ| {st['text']['mean_abs_feature_diff']:.3g} (features up "
+            f"to {st['text']['max_abs_feature']:.3g}); visual (fed the simulated features) mask agreement "
+            f"{st['visual']['mask_agreement']:.3f}%, max |Δlogit| {st['visual']['max_abs_logit_diff']:.3f}"
+        )
+    if not args.json and report.get("first_divergence"):
+        fd = report["first_divergence"]
+        first = fd["first"]
+        where = f"{first['op']} -> {first['output']} ({first['relative']:.3g} of its range)" if first else "none"
+        print(f"first divergence beyond {fd['tolerance']} of range ({fd['matched_ops']} ops matched): {where}")
     return 0
+
+
+def _coreml_first_divergence(args: argparse.Namespace, model, recipe, config: dict, dataset) -> dict:
+    """Rebuild the graph the full package was converted from and compare op by op on the first pair."""
+    from ios_export.parity import first_divergence
+    from mobile_runtime.export_pte import _calibration_data, calibrated_graph, table_bits
+
+    item = dataset[0]
+    inputs = (item["image"][None], item["input_ids"][None], item["attention_mask"][None])
+    calib = _calibration_data(model, config, args.refer_root, 32)
+    graph, _, _ = calibrated_graph(model, "full", calib[0], calib, table_bits=table_bits(recipe))
+    return first_divergence(args.coreml, graph, inputs)
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -463,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_analyze(sub)
     _add_export_pte(sub)
+    _add_export_coreml(sub)
     _add_parity(sub)
     return parser
 
