@@ -24,6 +24,7 @@ from .export_pte import program_paths, write_atomic
 __all__ = ["MARKER", "main", "render_section"]
 
 MARKER = "<!-- deployment section: written by python -m mobile_runtime.results -->"
+LATER_MARKER = "<!-- core ml section"
 
 
 def _parity_cell(name: str, pte: Path, artifact: Path, refer_root: str, cache: Path) -> dict:
@@ -161,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             write_atomic(bench_file, json.dumps(bench, indent=2).encode())
     out = Path(args.out)
-    head = out.read_text().split(MARKER)[0].rstrip() + "\n\n" if out.is_file() else ""
-    write_atomic(out, (head + render_section(cells, bench, float_bytes)).encode())
+    text = out.read_text() if out.is_file() else ""
+    head = text.split(MARKER)[0].rstrip() + "\n\n" if text else ""
+    # Sections after this one (Core ML) are kept as they are.
+    tail = "\n" + LATER_MARKER + text.split(LATER_MARKER, 1)[1] if LATER_MARKER in text else ""
+    write_atomic(out, (head + render_section(cells, bench, float_bytes) + tail).encode())
     print(f"deployment section written to {out}")
     return 0
 
