@@ -226,6 +226,12 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="lavt-tiny", help="registered model name (default: %(default)s)")
     p.add_argument("--checkpoint", default=None, help="official LAVT .pth or .safetensors (lavt-b needs it)")
     p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="randomly initialised weights instead of a checkpoint: useless masks, but the real graph, for timing "
+        "calibration and export of lavt-b without its checkpoint",
+    )
+    p.add_argument(
         "--bits", default="w8a8", choices=list(BIT_SETTINGS), help="weight/activation bits (default: %(default)s)"
     )
     p.add_argument("--method", default="ptq4ris", choices=list(METHODS), help="(default: %(default)s)")
@@ -237,9 +243,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--objective",
-        choices=["hessian", "mse", "cosine"],
+        choices=["hessian", "mse", "cosine", "none"],
         default=None,
-        help="scale-search objective for searched methods (default: hessian)",
+        help="scale-search objective for searched methods; none keeps the min-max ranges (the method's structure "
+        "without its search, e.g. to time an export) (default: hessian)",
     )
     p.add_argument(
         "--gelu-pow2",
@@ -279,7 +286,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     recipe = make_recipe(args.method, args.bits, **overrides)
     if args.objective and recipe.search != "none":
         recipe = make_recipe(args.method, args.bits, **overrides, search=args.objective)
-    model = build_model(args.model, checkpoint=args.checkpoint)
+    if args.random_weights and args.checkpoint:
+        raise ValueError("--random-weights and --checkpoint exclude each other: drop one")
+    model = build_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)
     try:
         dataset = _dataset(args, model.config)
     except ValueError as e:
