@@ -50,7 +50,7 @@ def executorch_root() -> Path:
     spec = importlib.util.find_spec("executorch")
     if spec is None or not spec.submodule_search_locations:
         raise ToolMissing("the executorch package is not installed: pip install -e .")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def aarch64_executorch_root(build_dir: Path) -> Path:
@@ -68,7 +68,7 @@ def aarch64_executorch_root(build_dir: Path) -> Path:
             "manylinux_2_28_aarch64", "--python-version", f"{sys.version_info.major}.{sys.version_info.minor}",
             "--dest", tmp, f"executorch=={wanted}",
         ]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("executorch-*.whl"))
         if done.returncode != 0 or not wheels:
             raise ToolMissing(
@@ -107,7 +107,7 @@ def build_runner(target: str = "host", build_dir: Path = DEFAULT_BUILD, log=prin
             f"-DCMAKE_TOOLCHAIN_FILE={(SOURCE / 'aarch64-linux-gnu.cmake').resolve()}",
         ]
     for cmd in (["cmake", "-S", str(SOURCE), "-B", str(out), *args], ["cmake", "--build", str(out), "-j2"]):
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{(done.stdout + done.stderr)[-2000:]}")
     binary = out / "ptq4ris_runner"
@@ -189,7 +189,7 @@ class NativeRunner:
                 str(threads),
             ]
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, check=False)
             except subprocess.TimeoutExpired as e:
                 raise RuntimeError(f"the runner did not finish {pte} within {self.timeout:.0f} s") from e
             if done.returncode != 0:
