@@ -465,6 +465,18 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantized", required=True, help="the calibrated folder the program was exported from")
     _add_data_args(p)
     p.add_argument("--limit", type=int, default=None, help="first N pairs of the split only (default: all)")
+    p.add_argument(
+        "--arm",
+        action="store_true",
+        help="with --pte: run the program on emulated ARM (the aarch64 native runner under qemu-aarch64 -cpu "
+        "cortex-a76, XNNPACK's NEON kernels) and report its parity and its difference from x86; ~3 s per pair, so "
+        "--limit defaults to 64 pairs",
+    )
+    p.add_argument(
+        "--runner",
+        default=None,
+        help="with --arm: an aarch64 ptq4ris_runner (default: build/native-aarch64/ptq4ris_runner, built on first use)",
+    )
     p.add_argument("--no-photos", action="store_true", help="skip the natural photographs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
@@ -478,6 +490,8 @@ def _run_parity(args: argparse.Namespace) -> int:
 
     model, recipe, config = load_quantized(args.quantized)
     dataset = _dataset(args, model.config)
+    if args.arm and not args.pte:
+        raise ValueError("--arm runs an ExecuTorch program on emulated ARM: give it with --pte")
     if args.coreml:
         from ios_export import parity as coreml_parity
 
@@ -488,6 +502,17 @@ def _run_parity(args: argparse.Namespace) -> int:
         if args.first_divergence:
             report["first_divergence"] = _coreml_first_divergence(args, model, recipe, config, dataset)
         label = "coreml"
+    elif args.arm:
+        from mobile_runtime.arm_parity import arm_parity
+        from mobile_runtime.native_runner import NativeRunner, build_runner
+
+        runner = args.runner or build_runner("aarch64", log=lambda *a: print(*a, file=sys.stderr))
+        report = arm_parity(
+            model, args.pte, dataset, NativeRunner(runner, emulate=True), limit=args.limit or 64,
+            photos=not args.no_photos, progress=not args.json,
+        )  # fmt: skip
+        report.update(pte=args.pte)
+        label = "arm"
     else:
         report = run_parity(
             model, args.pte, dataset, limit=args.limit, photos=not args.no_photos, progress=not args.json
@@ -509,6 +534,13 @@ def _run_parity(args: argparse.Namespace) -> int:
             f"to {st['text']['max_abs_feature']:.3g}); visual (fed the simulated features) mask agreement "
             f"{st['visual']['mask_agreement']:.3f}%, max |Δlogit| {st['visual']['max_abs_logit_diff']:.3f}"
         )
+    if not args.json and label == "arm":
+        for name, r in report["sets"].items():
+            d = r["arm_vs_x86"]
+            print(
+                f"ARM vs x86 on {name}: max |Δ| {d['max_abs_diff']:.3g} ({d['max_diff_lsb']:.2f} LSB), mask agreement "
+                f"{d['mask_agreement']:.3f}%, emulated forward {d['emulated_ms_median']:.0f} ms (not a phone figure)"
+            )
     if not args.json and report.get("first_divergence"):
         fd = report["first_divergence"]
         first = fd["first"]

@@ -60,11 +60,16 @@ public struct WordPieceTokenizer {
             if isCJK(s) { cleaned.append(" "); cleaned.append(s); cleaned.append(" "); continue }
             cleaned.append(s)
         }
+        // Accents off (NFD, drop non-spacing marks), then lowercase scalar by scalar, as the tokenizers library does.
+        var normalized = String.UnicodeScalarView()
+        for s in String(cleaned).decomposedStringWithCanonicalMapping.unicodeScalars
+        where s.properties.generalCategory != .nonspacingMark {
+            normalized.append(contentsOf: s.properties.lowercaseMapping.unicodeScalars)
+        }
         var tokens: [String] = []
-        for word in String(cleaned).split(separator: " ", omittingEmptySubsequences: true) {
-            let lowered = String(word).lowercased().decomposedStringWithCanonicalMapping
+        for word in String(normalized).split(separator: " ", omittingEmptySubsequences: true) {
             var current = String.UnicodeScalarView()
-            for s in lowered.unicodeScalars where s.properties.generalCategory != .nonspacingMark {
+            for s in word.unicodeScalars {
                 if isPunctuation(s) {
                     if !current.isEmpty { tokens.append(String(current)); current = String.UnicodeScalarView() }
                     tokens.append(String(s))
@@ -101,12 +106,16 @@ public struct WordPieceTokenizer {
 
     private func isWhitespace(_ s: Unicode.Scalar) -> Bool {
         s == " " || s == "\t" || s == "\n" || s == "\r" || s.properties.generalCategory == .spaceSeparator
+            || s.properties.isWhitespace
     }
 
+    // Unicode's "other" categories, as BERT's text cleaning removes them.
     private func isControl(_ s: Unicode.Scalar) -> Bool {
         if s == "\t" || s == "\n" || s == "\r" { return false }
-        let c = s.properties.generalCategory
-        return c == .control || c == .format
+        switch s.properties.generalCategory {
+        case .control, .format, .privateUse, .unassigned, .surrogate: return true
+        default: return false
+        }
     }
 
     private func isPunctuation(_ s: Unicode.Scalar) -> Bool {
