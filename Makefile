@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= data
 
-.PHONY: setup demo test system-tools train-default clean
+.PHONY: setup demo test system-tools device-parity train-default clean
 
 setup: $(VENV)/.installed
 
@@ -40,7 +40,12 @@ test: setup
 system-tools:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		qemu-user g++-aarch64-linux-gnu adb kotlin chromium chromium-driver cmake >/dev/null
+		qemu-user g++-aarch64-linux-gnu adb kotlin default-jre-headless chromium chromium-driver cmake procps >/dev/null
+
+# The device harness on the demo's programs: an emulated arm64 phone (qemu) by default; ADB_ARGS=--adb for a phone.
+device-parity: setup
+	$(BIN)/python -m mobile_runtime.native_runner build --target aarch64
+	$(BIN)/python tests/device_parity.py --pte runs/pte/lavt-tiny-w8a8.pte --quantized runs/lavt-tiny-w8a8 $(ADB_ARGS)
 
 # Retrain the embedded default (minutes on a GPU, hours on a CPU; resumable: rerun to continue).
 train-default: setup

@@ -207,7 +207,8 @@ class DeviceSession:
 
     def cleanup(self) -> None:
         # A runner left running (after a timeout) would keep the big cores busy and the folder's files open.
-        self.device.shell(["pkill", "-f", f"model {self.root}/"], check=False)
+        # "[m]odel" keeps pkill from matching the shell that runs it, whose command line holds the pattern.
+        self.device.shell(["pkill", "-f", f"[m]odel {re.escape(str(self.root))}/"], check=False)
         self.device.shell(["rm", "-rf", str(self.root)], check=False)
 
     def push(self, local: Path, name: str | None = None) -> PurePosixPath:
