@@ -242,6 +242,19 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         help="PWAM fusion treatment: one grid, or range-ordered channel groups (default: the method's)",
     )
     p.add_argument(
+        "--text-groups",
+        type=int,
+        default=None,
+        help="RORQ channel groups per text Linear input for ptq4ris-deploy (each is one int8 GEMM once deployed; "
+        "1 is a single uniform grid) (default: the method's: 8 at A8, 96 below)",
+    )
+    p.add_argument(
+        "--pwam-groups",
+        type=int,
+        default=None,
+        help="channel groups of PWAM's fusion input with --pwam groups (default: the method's, 16)",
+    )
+    p.add_argument(
         "--objective",
         choices=["hessian", "mse", "cosine", "none"],
         default=None,
@@ -283,6 +296,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     overrides = {"seed": args.seed, "gelu_pow2": args.gelu_pow2, "refresh": args.refresh}
     if args.pwam:
         overrides["pwam"] = args.pwam
+    if args.text_groups is not None:
+        overrides["text_groups"] = args.text_groups
+    if args.pwam_groups is not None:
+        overrides["pwam_groups"] = args.pwam_groups
     recipe = make_recipe(args.method, args.bits, **overrides)
     if args.objective and recipe.search != "none":
         recipe = make_recipe(args.method, args.bits, **overrides, search=args.objective)
