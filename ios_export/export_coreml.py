@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +36,6 @@ _OUTPUTS = {
     "text": ("text_features", _DESCRIPTIONS["text_features"]),
     "visual": ("logits", "mask logits, float32 [1, 2, H, W]: background/object; argmax over axis 1 is the mask"),
 }
-
-
-@dataclass
-class PackageResult:
-    """A converted package and what the export report needs to know about it."""
-
-    stage: str
-    quantized: bool
-    seconds: dict[str, float] = field(default_factory=dict)
-    op_counts: dict[str, int] = field(default_factory=dict)
 
 
 def package_paths(out: Path) -> dict[str, Path]:
