@@ -13,6 +13,7 @@ little; the ratios are the result.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -50,12 +51,16 @@ def benchmark(programs: dict[str, str | Path], threads: list[int], runs: int = 2
 
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be positive and warmup non-negative")
-    loaded = {name: PteProgram(path) for name, path in programs.items()}
-    inputs = {name: program_inputs(p) for name, p in loaded.items()}
     report = {"runs": runs, "warmup": warmup, "sizes": {n: Path(p).stat().st_size for n, p in programs.items()}}
-    names = list(loaded)
+    names = list(programs)
     for n_threads in threads:
+        # Reset the pool before loading: an XNNPACK runtime keeps the pool it was created with, and resetting it under
+        # loaded programs frees that pool beneath them (heap corruption, about one run in two).
+        loaded = None
+        gc.collect()
         _unsafe_reset_threadpool(n_threads)
+        loaded = {name: PteProgram(path) for name, path in programs.items()}
+        inputs = {name: program_inputs(p) for name, p in loaded.items()}
         for name in names:
             for _ in range(warmup):
                 loaded[name](*inputs[name])
