@@ -154,5 +154,10 @@ if __name__ == "__main__":
     import logging
 
     logging.disable(logging.WARNING)  # over-long sentences are meant to be here
-    GOLDEN.write_text(json.dumps(golden(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {len(golden()['cases'])} cases to {GOLDEN}", file=sys.stderr)
+    data = golden()
+    head = {k: v for k, v in data.items() if k != "cases"}
+    # One case per line: diffs stay readable when the tokenizer changes.
+    lines = [json.dumps(c, ensure_ascii=False, separators=(",", ":")) for c in data["cases"]]
+    text = json.dumps(head, ensure_ascii=False, indent=1)[:-2] + ',\n "cases": [\n' + ",\n".join(lines) + "\n ]\n}\n"
+    GOLDEN.write_text(text, encoding="utf-8")
+    print(f"wrote {len(lines)} cases to {GOLDEN}", file=sys.stderr)
