@@ -1,3 +1,4 @@
+import ImageIO
 import PhotosUI
 import RISKit
 import SwiftUI

@@ -60,11 +60,19 @@ public final class Segmenter {
     /// The image resized to S×S (as the host resizes: no aspect-preserving crop), CHW, ImageNet-normalised.
     func pixels(_ image: CGImage) throws -> MLMultiArray {
         var rgba = [UInt8](repeating: 0, count: size * size * 4)
-        let context = CGContext(
-            data: &rgba, width: size, height: size, bitsPerComponent: 8, bytesPerRow: size * 4,
-            space: CGColorSpaceCreateDeviceRGB(), bitmapInfo: CGImageAlphaInfo.noneSkipLast.rawValue)
-        context?.interpolationQuality = .high
-        context?.draw(image, in: CGRect(x: 0, y: 0, width: size, height: size))
+        let drawn = rgba.withUnsafeMutableBytes { buffer -> Bool in
+            // The context draws into `buffer`, which is only valid inside this closure.
+            guard let context = CGContext(
+                data: buffer.baseAddress, width: size, height: size, bitsPerComponent: 8, bytesPerRow: size * 4,
+                space: CGColorSpaceCreateDeviceRGB(), bitmapInfo: CGImageAlphaInfo.noneSkipLast.rawValue)
+            else { return false }
+            context.interpolationQuality = .high
+            context.draw(image, in: CGRect(x: 0, y: 0, width: size, height: size))
+            return true
+        }
+        guard drawn else {
+            throw NSError(domain: "RISKit", code: 3, userInfo: [NSLocalizedDescriptionKey: "cannot read the image's pixels"])
+        }
         let array = try MLMultiArray(shape: [1, 3, NSNumber(value: size), NSNumber(value: size)], dataType: .float32)
         let out = array.dataPointer.bindMemory(to: Float.self, capacity: 3 * size * size)
         for c in 0..<3 {
