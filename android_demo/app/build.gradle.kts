@@ -9,7 +9,7 @@ android {
 
     defaultConfig {
         applicationId = "org.ptq4ris.demo"
-        minSdk = 26
+        minSdk = 28  // ImageDecoder
         targetSdk = 35
         versionCode = 1
         versionName = "0.1.0"
