@@ -202,17 +202,18 @@ def format_parity(report: dict[str, Any], label: str = "pte") -> str:
     """The parity report as a plain-text table; ``label`` names the deployed backend's columns."""
     deployed = report.get(label) or report.get("pte") or report.get("coreml", "?")
     lines = [f"parity of {deployed} against the simulated model {report.get('quantized', '?')}", ""]
+    width = max(9, len(label) + 5)  # the deployed columns fit their label
     header = (
         f"{'inputs':<22} {'pairs':>6} {'mask agree %':>13} {'max |Δlogit|':>13} {'(LSB)':>7} "
-        f"{'sim mIoU':>9} {label + ' mIoU':>9} {'sim oIoU':>9} {label + ' oIoU':>9}"
+        f"{'sim mIoU':>9} {label + ' mIoU':>{width}} {'sim oIoU':>9} {label + ' oIoU':>{width}}"
     )
     lines.append(header)
     for name, r in report["sets"].items():
         sim, dep = r.get("simulated"), r.get("deployed")
         metric = (
-            f"{sim['mIoU']:9.2f} {dep['mIoU']:9.2f} {sim['oIoU']:9.2f} {dep['oIoU']:9.2f}"
+            f"{sim['mIoU']:9.2f} {dep['mIoU']:{width}.2f} {sim['oIoU']:9.2f} {dep['oIoU']:{width}.2f}"
             if sim
-            else f"{'–':>9} {'–':>9} {'–':>9} {'–':>9}"
+            else f"{'–':>9} {'–':>{width}} {'–':>9} {'–':>{width}}"
         )
         lines.append(
             f"{name:<22} {r['pairs']:>6} {r['mask_agreement']:13.3f} {r['max_abs_logit_diff']:13.3f} "
