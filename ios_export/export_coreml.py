@@ -11,9 +11,6 @@ precision, and is written atomically.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,28 +50,6 @@ def weight_bytes(package: str | Path) -> int:
     """Bytes of a package's weight files (what the weights cost on the phone)."""
     weights = Path(package) / "Data" / "com.apple.CoreML" / "weights"
     return sum(f.stat().st_size for f in weights.rglob("*") if f.is_file())
-
-
-def save_package_atomic(mlmodel, path: Path) -> None:
-    """Save an ``MLModel`` as ``path`` via a temporary package in the same folder, so no reader sees half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".mlpackage", dir=path.parent))
-    shutil.rmtree(tmp)  # coremltools writes the package folder itself
-    old = None
-    try:
-        mlmodel.save(str(tmp))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.stem}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            os.replace(old / path.name, path)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _metadata(mlmodel, stage: str, quantized: bool, recipe: dict | None, model_name: str, precision: str) -> None:
@@ -176,8 +151,8 @@ def export_artifact(
         calibrated_graph,
         stage_inputs,
         table_bits,
-        write_atomic,
     )
+    from quantize.atomic import atomic_folder, write_atomic
     from quantize.calibration.artifact import load_quantized
 
     out = Path(out)
@@ -214,7 +189,8 @@ def export_artifact(
             module = Stage(_float_copy(model), stage).eval()
         mlmodel = export_package(module, stage, pairs[0], target, precision, int4_weights=int4 and quantized)
         _metadata(mlmodel, stage, quantized, recipe_info, config.get("model", "lavt"), precision)
-        save_package_atomic(mlmodel, paths[name])
+        with atomic_folder(paths[name]) as tmp:
+            mlmodel.save(str(tmp))
         ops: dict[str, int] = {}
         for op in mlmodel._mil_program.functions["main"].operations:
             ops[op.op_type] = ops.get(op.op_type, 0) + 1

@@ -199,6 +199,7 @@ _UNARY = {
     "identity": lambda x: x,
 }
 
+
 def _unary(fn):
     return lambda x: fn(np.asarray(x))
 
@@ -528,9 +529,6 @@ class MilInterpreter:
         self.input_names = list(self.function.inputs)
         self.output_names = [v.name for v in self.function.outputs]
         self._consts: dict[str, Any] = {}
-
-    def op_types(self) -> set[str]:
-        return {op.op_type for op in self.function.operations}
 
     def _value(self, var, env: dict[str, Any]) -> Any:
         if var.name in env:

@@ -12,7 +12,6 @@ import json
 import re
 import shlex
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 __all__ = ["Adb", "AdbError", "DeviceSession", "glibc_bundle", "shell_join"]
@@ -159,12 +158,6 @@ def glibc_bundle(runner: Path, executorch_lib: Path, sysroot: Path = Path("/usr/
     if missing:
         raise AdbError(f"cannot assemble the runner bundle, missing: {', '.join(missing)} (make system-tools)")
     return files
-
-
-@dataclass
-class DeviceRun:
-    report: dict
-    outputs: list[Path]
 
 
 class DeviceSession:

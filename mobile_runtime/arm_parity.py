@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .native_runner import NativeRunner
-from .parity import natural_photo_pairs, parity_on_dataset, parity_on_pairs
+from .parity import lsb, natural_photo_pairs, parity_on_dataset, parity_on_pairs
 from .runtime import PteProgram
 
 __all__ = ["ArmVsX86", "arm_parity"]
@@ -32,7 +32,7 @@ class ArmVsX86:
         arm, x86 = result.outputs[0], self.x86(*inputs)
         diff = float((arm - x86).abs().max())
         self.max_abs = max(self.max_abs, diff)
-        self.max_lsb = max(self.max_lsb, diff / (max(float(x86.max() - x86.min()), 1e-12) / 255))
+        self.max_lsb = max(self.max_lsb, diff / lsb(x86))
         self.pixels += arm[0, 0].numel()
         self.agree += int((arm.argmax(1) == x86.argmax(1)).sum())
         self.latencies.append(result.latency_ms["median"])

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         programs[name] = path
     report = benchmark(programs, args.threads, args.runs, args.warmup)
     if args.json:
-        from .export_pte import write_atomic
+        from quantize.atomic import write_atomic
 
         write_atomic(Path(args.json), json.dumps(report, indent=2).encode())
     print(format_benchmark(report))

@@ -15,8 +15,6 @@ The float program takes the same path without step 2, so the two differ only in 
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantize.atomic import write_atomic
 from quantize.calibration.placement import set_quantization
 
 from .deploy_form import DeployMatMul, QuantStream, SiteLowering, to_deploy_form
 
-__all__ = ["STAGES", "ExportResult", "Stage", "calibrated_graph", "export_program", "stage_inputs", "write_atomic"]
+__all__ = ["STAGES", "ExportResult", "Stage", "calibrated_graph", "export_program", "stage_inputs"]
 
 
 class Stage(nn.Module):
@@ -70,22 +69,6 @@ def stage_inputs(model: nn.Module, stage: str, images, input_ids, attention_mask
         return input_ids, attention_mask
     with torch.no_grad():
         return images, model.encode_text(input_ids, attention_mask).contiguous(), attention_mask
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; a program file is meant to be read by others
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

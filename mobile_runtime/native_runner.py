@@ -199,9 +199,6 @@ class NativeRunner:
             report = parse_report(done.stdout)
             return RunResult(read_outputs(report, folder), report["latency_ms"], report["threads"], report["runs"])
 
-    def __call__(self, *inputs: torch.Tensor, pte: str | Path) -> torch.Tensor:
-        return self.run(pte, inputs).outputs[0]
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(

@@ -40,6 +40,11 @@ NATURAL_PHOTOS: tuple[tuple[str, str], ...] = (
 )
 
 
+def lsb(reference: torch.Tensor) -> float:
+    """One step of an 8-bit grid over ``reference``'s range: the unit logit differences are reported in."""
+    return max(float(reference.max() - reference.min()), 1e-12) / 255
+
+
 @dataclass
 class ParityAccumulator:
     """Running parity statistics over pairs (logits of both models, optional ground truth)."""
@@ -69,9 +74,8 @@ class ParityAccumulator:
         self.agree += int((sim_mask == dep_mask).sum())
         self.pairs += 1
         diff = float((sim - dep).abs().max())
-        lsb = max(float(sim.max() - sim.min()), 1e-12) / 255
         self.max_abs = max(self.max_abs, diff)
-        self.max_lsb = max(self.max_lsb, diff / lsb)
+        self.max_lsb = max(self.max_lsb, diff / lsb(sim))
         # IoU of the deployed mask against the simulated one: 1 when the two agree.
         inter, union = intersection_union(dep_mask[None], sim_mask[None])
         iou_between = float(inter[0]) / float(union[0]) if float(union[0]) > 0 else 1.0

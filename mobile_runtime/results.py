@@ -19,7 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from .export_pte import program_paths, write_atomic
+from quantize.atomic import write_atomic
+
+from .export_pte import program_paths
 
 __all__ = ["MARKER", "main", "render_section"]
 

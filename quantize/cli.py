@@ -539,7 +539,7 @@ def _run_parity(args: argparse.Namespace) -> int:
     report.update(quantized=args.quantized, recipe=f"{recipe.method} {recipe.bits}")
     text = json.dumps(report, indent=2, default=str)
     if args.out:
-        from mobile_runtime.export_pte import write_atomic
+        from .atomic import write_atomic
 
         write_atomic(Path(args.out), text.encode())
     print(text if args.json else format_parity(report, label))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from .atomic import write_atomic
 from .calibration.recipe import BIT_SETTINGS, METHODS, make_recipe
 
 __all__ = ["ROWS", "main", "render"]
@@ -47,14 +46,6 @@ PAPER = {
     "w4a8": (72.62, 71.48),
     "w4a4": (69.53, 69.21),
 }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _evaluate_cell(key: str, method: str, overrides: dict, bits: str, args, model, dataset, calib) -> dict:
@@ -148,7 +139,7 @@ def _write_table(out: Path, table: str) -> None:
     if out.is_file() and _LATER_SECTIONS in out.read_text():
         text = out.read_text()
         tail = "\n" + text[text.index(_LATER_SECTIONS) :]
-    _write_atomic(out, table + tail)
+    write_atomic(out, table + tail)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if not fp_file.is_file() and (not args.only or "fp" in args.only):
             r = evaluate(model, val, device=args.device, limit=args.limit)
             cell = {"row": "fp", "bits": "fp", "mIoU": r["mIoU"], "oIoU": r["oIoU"], "pairs": r["pairs"]}
-            _write_atomic(fp_file, json.dumps(cell))
+            write_atomic(fp_file, json.dumps(cell))
         for key, method, overrides, _ in ROWS:
             if args.only and key not in args.only:
                 continue
@@ -193,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 if f.is_file():
                     continue
                 cell = _evaluate_cell(key, method, overrides, bits, args, model, val, calib)
-                _write_atomic(f, json.dumps(cell))
+                write_atomic(f, json.dumps(cell))
                 print(f"{key} {bits}: mIoU {cell['mIoU']:.2f} oIoU {cell['oIoU']:.2f}", flush=True)
                 _write_table(Path(args.out), render(cache))
     _write_table(Path(args.out), render(cache))

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,12 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_file
 from .data.preprocess import Tokenizer, normalize_image
 from .data.refer import ReferDataset
 from .models.checkpoint import load_state_dict_checked, save_state_dict
 from .models.registry import build_model, text_encoder_dir
 
-__all__ = ["TrainConfig", "train", "preload_split"]
+__all__ = ["TrainConfig", "preload_split", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +87,8 @@ def _lr_factor(progress: float, step: int, warmup: int) -> float:
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:

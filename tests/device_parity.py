@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 
 from mobile_runtime.export_pte import STAGES, program_paths, stage_inputs
 from mobile_runtime.native_runner import RunResult, read_outputs, write_inputs
-from mobile_runtime.parity import ParityAccumulator, natural_photo_pairs
+from mobile_runtime.parity import ParityAccumulator, lsb, natural_photo_pairs
 from mobile_runtime.runtime import PteProgram
 
 
@@ -145,8 +145,7 @@ def check(phone, pte: Path, quantized: str, refer_root: str, pairs: int, threads
     for which, key, image, ids, mask in inputs:
         arm = phone.run(pte, (image, ids, mask), threads=threads[0], warmup=0, runs=1).outputs[0]
         x86 = host(image, ids, mask)
-        lsb = float((arm - x86).abs().max()) / (max(float(x86.max() - x86.min()), 1e-12) / 255)
-        max_lsb[which] = max(max_lsb[which], lsb)
+        max_lsb[which] = max(max_lsb[which], float((arm - x86).abs().max()) / lsb(x86))
         accs[which].update(key, model(image, ids, mask)[0], arm[0])
     report["parity"] = {k: acc.summary() | {"device_vs_x86_max_lsb": max_lsb[k]} for k, acc in accs.items()}
     report["thermal_after"] = phone.thermal()
@@ -223,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        from quantize.atomic import write_atomic
+
+        write_atomic(args.json, json.dumps(report, indent=2))
     # The photographs have no ground truth and the host .pte itself agrees less there: the bar is on val pairs.
     return 0 if report["parity"]["val"]["mask_agreement"] >= args.min_agreement else 1
 

@@ -14,9 +14,6 @@ The folder is written under a temporary name and renamed when complete, so a cra
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_folder
 from ..models.config import LavtConfig
 from ..models.lavt import LAVT
 from .placement import place_quantizers, quantized_sites, quantizers_of, rebuild_quantizers
@@ -60,9 +58,8 @@ def save_quantized(
 ) -> Path:
     """Write the artifact of a calibrated model (see the module docstring). Replaces an existing ``out_dir``."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
+        tmp.mkdir()
         config = {
             "format_version": FORMAT_VERSION,
             "model": model_name,
@@ -74,16 +71,6 @@ def save_quantized(
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         (tmp / "qparams.json").write_text(json.dumps(_readable_qparams(model), indent=1))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "artifact")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -20,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..atomic import atomic_file
 
 __all__ = [
     "EMBEDDED_WEIGHTS",
@@ -143,13 +143,5 @@ def save_state_dict(
     state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically (temporary name in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
