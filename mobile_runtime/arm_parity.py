@@ -10,32 +10,43 @@ import torch
 
 from .native_runner import NativeRunner
 from .parity import lsb, natural_photo_pairs, parity_on_dataset, parity_on_pairs
-from .runtime import PteProgram
+from .runtime import load_full_model, stage_paths
 
 __all__ = ["ArmVsX86", "arm_parity"]
 
 
 class ArmVsX86:
-    """A full-model program run on emulated ARM (what parity sees) and, on the side, on this machine's x86 runtime,
-    keeping the largest ARM-vs-x86 difference in LSBs of an 8-bit grid over the x86 logits' range."""
+    """A full-model program (or the text and visual stage programs chained, when only they were exported) run on
+    emulated ARM (what parity sees) and, on the side, on this machine's x86 runtime, keeping the largest ARM-vs-x86
+    difference in LSBs of an 8-bit grid over the x86 logits' range."""
 
     def __init__(self, pte: str | Path, runner: NativeRunner) -> None:
         self.pte, self.runner = Path(pte), runner
-        self.x86 = PteProgram(self.pte, names=("image", "input_ids", "attention_mask"))
+        self.x86 = load_full_model(self.pte)
+        self.stages = None if self.pte.is_file() else stage_paths(self.pte)
         self.reset()
+
+    def _arm(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """ARM logits and the emulated latency (ms) of one pair."""
+        if self.stages is None:
+            result = self.runner.run(self.pte, (image, ids, mask))
+            return result.outputs[0], result.latency_ms["median"]
+        text = self.runner.run(self.stages[0], (ids, mask))
+        visual = self.runner.run(self.stages[1], (image, text.outputs[0], mask))
+        return visual.outputs[0], text.latency_ms["median"] + visual.latency_ms["median"]
 
     def reset(self) -> None:
         self.max_abs, self.max_lsb, self.pixels, self.agree, self.latencies = 0.0, 0.0, 0, 0, []
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        result = self.runner.run(self.pte, inputs)
-        arm, x86 = result.outputs[0], self.x86(*inputs)
+        arm, latency = self._arm(*inputs)
+        x86 = self.x86(*inputs)
         diff = float((arm - x86).abs().max())
         self.max_abs = max(self.max_abs, diff)
         self.max_lsb = max(self.max_lsb, diff / lsb(x86))
         self.pixels += arm[0, 0].numel()
         self.agree += int((arm.argmax(1) == x86.argmax(1)).sum())
-        self.latencies.append(result.latency_ms["median"])
+        self.latencies.append(latency)
         return arm
 
     def summary(self) -> dict[str, Any]:

@@ -132,8 +132,13 @@ def calibrated_graph(
     if table_bits == 4 and stage != "visual":
         tables.append(
             SiteLowering(
-                "text_encoder.embeddings.word_embeddings", "embedding", "text", f"int4_group{TABLE_GROUP}",
-                "4-bit table (embedding_4bit)", 1, f"int4 per group of {TABLE_GROUP}",
+                "text_encoder.embeddings.word_embeddings",
+                "embedding",
+                "text",
+                f"int4_group{TABLE_GROUP}",
+                "4-bit table (embedding_4bit)",
+                1,
+                f"int4 per group of {TABLE_GROUP}",
             )
         )
     return converted, [s for s in sites if s.site in used] + tables, seconds
@@ -243,7 +248,6 @@ def export_artifact(
         kernels: run each program once with ETDump and list the XNNPACK kernels that executed.
         output_observer: how GEMM output ranges are observed (``histogram`` or ``minmax``).
     """
-    import json
 
     from quantize.calibration.artifact import load_quantized
 
@@ -265,11 +269,6 @@ def export_artifact(
         "output_observer": output_observer,
         "programs": {},
     }
-    # Programs exported earlier from the same artifact (e.g. the full model, before the stages) stay in the report.
-    if paths["report"].is_file():
-        earlier = json.loads(paths["report"].read_text())
-        if earlier.get("artifact") == report["artifact"] and earlier.get("version") == REPORT_VERSION:
-            report["programs"] = {n: p for n, p in earlier["programs"].items() if paths[n].is_file()}
     jobs = [(stage, True) for stage in stages] + ([("full", False)] if float_program else [])
     for stage, quantized in jobs:
         name = stage if quantized else "float"
@@ -285,8 +284,34 @@ def export_artifact(
             f"  {paths[name]}: {len(result.buffer) / 1e6:.2f} MB, {result.delegation['partitions']} partition(s), "
             f"{sum(result.seconds.values()):.0f} s"
         )
-    write_atomic(paths["report"], json.dumps(report, indent=2).encode())
+    _merge_and_write_report(paths, report)
     return report
+
+
+def _merge_and_write_report(paths: dict[str, Path], report: dict) -> None:
+    """Write the lowering report, keeping programs exported earlier from the same artifact (e.g. the full model
+    before the stages). Exports of the same model's programs may run side by side (``ptq4ris demo`` lowers the
+    stages in parallel), so the read-merge-write holds an exclusive lock on the folder."""
+    import fcntl
+    import json
+    import os
+
+    from .lowering_report import REPORT_VERSION
+
+    paths["report"].parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(paths["report"].parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if paths["report"].is_file():
+            earlier = json.loads(paths["report"].read_text())
+            if earlier.get("artifact") == report["artifact"] and earlier.get("version") == REPORT_VERSION:
+                kept = {
+                    n: p for n, p in earlier["programs"].items() if n not in report["programs"] and paths[n].is_file()
+                }
+                report["programs"] = {**kept, **report["programs"]}
+        write_atomic(paths["report"], json.dumps(report, indent=2).encode())
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def table_bits(recipe) -> int:

@@ -98,8 +98,9 @@ class ParityAccumulator:
             sim, dep = self.sim_metrics.summary(), self.dep_metrics.summary()
             out.update(
                 {
-                    "simulated": {"mIoU": sim["mIoU"], "oIoU": sim["oIoU"]},
-                    "deployed": {"mIoU": dep["mIoU"], "oIoU": dep["oIoU"]},
+                    # Full summaries (Prec@X, per-kind mIoU), both on the same pairs.
+                    "simulated": sim,
+                    "deployed": dep,
                     "mean_iou_delta": 100.0 * self.sum_iou_delta / self.pairs,
                     "max_abs_iou_delta": 100.0 * self.max_iou_delta,
                 }
@@ -195,10 +196,11 @@ def parity_report(
 def run_parity(
     simulated: torch.nn.Module, pte: str, dataset, limit: int | None = None, photos: bool = True, progress: bool = False
 ) -> dict[str, Any]:
-    """Parity of a full-model ``.pte`` against ``simulated`` on ``dataset`` and (optionally) natural photographs."""
-    from .runtime import PteProgram
+    """Parity of a full-model ``.pte`` (or, when only they were exported, its text and visual programs chained)
+    against ``simulated`` on ``dataset`` and (optionally) natural photographs."""
+    from .runtime import load_full_model
 
-    program = PteProgram(pte, names=("image", "input_ids", "attention_mask"))
+    program = load_full_model(pte)
     return parity_report(simulated, program, dataset, program.input_shapes[0][-1], limit, photos, progress)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PteInputError", "PteProgram"]
+__all__ = ["PteInputError", "PteProgram", "StagedPrograms", "load_full_model", "program_bytes", "stage_paths"]
 
 # ExecuTorch ScalarType codes (c10 numbering) of the dtypes our programs use.
 _DTYPES = {0: torch.uint8, 1: torch.int8, 3: torch.int32, 4: torch.int64, 5: torch.float16, 6: torch.float32}
@@ -64,3 +64,48 @@ class PteProgram:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.method.execute(self._check(inputs))[0]
+
+
+class StagedPrograms:
+    """The text and visual stage programs chained as one model, as the Android app runs them: ids → word features
+    (``<stem>.text.pte``), then image + word features → mask logits (``<stem>.visual.pte``). It takes and returns
+    what a full-model program does, so parity, benchmarks and ``segment`` use it interchangeably."""
+
+    def __init__(self, text: str | Path, visual: str | Path) -> None:
+        self.text = PteProgram(text, names=("input_ids", "attention_mask"))
+        self.visual = PteProgram(visual, names=("image", "text_features", "attention_mask"))
+        self.path = Path(visual)
+        self.input_shapes = [self.visual.input_shapes[0], *self.text.input_shapes]
+        self.input_dtypes = [self.visual.input_dtypes[0], *self.text.input_dtypes]
+
+    def __call__(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.visual(image, self.text(input_ids, attention_mask), attention_mask)
+
+
+def stage_paths(full: str | Path) -> tuple[Path, Path]:
+    """Where ``export-pte --out X.pte`` writes the text and visual programs of ``X.pte``."""
+    stem = Path(full).with_suffix("")
+    return stem.with_name(f"{stem.name}.text.pte"), stem.with_name(f"{stem.name}.visual.pte")
+
+
+def load_full_model(pte: str | Path) -> PteProgram | StagedPrograms:
+    """A callable ``(image, input_ids, attention_mask) -> logits`` for ``X.pte``: the full-model program when it was
+    exported, else its text and visual stage programs chained (an export with ``--stages text visual``)."""
+    pte = Path(pte)
+    if pte.is_file():
+        return PteProgram(pte, names=("image", "input_ids", "attention_mask"))
+    text, visual = stage_paths(pte)
+    if text.is_file() and visual.is_file():
+        return StagedPrograms(text, visual)
+    raise FileNotFoundError(
+        f"no ExecuTorch program at {pte} (nor its stage programs {text.name} and {visual.name}): export them with "
+        "`ptq4ris export-pte`"
+    )
+
+
+def program_bytes(pte: str | Path) -> int:
+    """Size on disk of ``X.pte``, or of its text and visual programs together when only they were exported."""
+    pte = Path(pte)
+    if pte.is_file():
+        return pte.stat().st_size
+    return sum(p.stat().st_size for p in stage_paths(pte))

@@ -616,6 +616,106 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment the object a sentence names in one image and write the overlay as a PNG",
+        description="Run one (image, sentence) pair through a backend and write the photo with the mask overlaid. "
+        "Backends: torch (the float model, or the simulated quantized one with --quantized DIR), pte (a full-model "
+        ".pte from `ptq4ris export-pte`, run by the ExecuTorch host runtime with the XNNPACK kernels a phone uses), "
+        "coreml-interp (a full-model .mlpackage from `ptq4ris export-coreml`, executed by the numpy MIL "
+        "interpreter: Core ML itself runs on Apple devices only). Example: ptq4ris segment --image cat.jpg "
+        '--text "the cat on the left" --backend pte --pte runs/demo/android/lavt-tiny-w8a8.pte --out cat.png',
+    )
+    p.add_argument("--image", required=True, help="a photo (any format Pillow reads)")
+    p.add_argument("--text", required=True, help="the referring expression, e.g. 'the red circle on the left'")
+    p.add_argument("--backend", default="torch", choices=["torch", "pte", "coreml-interp"], help="(default: %(default)s)")
+    p.add_argument("--model", default="lavt-tiny", help="torch backend: registered model (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="torch backend: LAVT .pth or .safetensors (lavt-b needs it)")
+    p.add_argument("--quantized", default=None, metavar="DIR", help="torch backend: a `ptq4ris calibrate` folder")
+    p.add_argument("--pte", default=None, help="pte backend: the full-model .pte")
+    p.add_argument("--coreml", default=None, help="coreml-interp backend: the full-model .mlpackage")
+    p.add_argument("--out", default="segment.png", help="the PNG to write (default: %(default)s)")
+    p.set_defaults(func=_run_segment)
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from demo.segment import save_overlay, segment
+
+    if Path(args.out).suffix.lower() != ".png":  # before the model runs
+        raise ValueError(f"--out must name a .png file, got {args.out}")
+    result = segment(
+        args.image,
+        args.text,
+        backend=args.backend,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        quantized=args.quantized,
+        pte=args.pte,
+        coreml=args.coreml,
+    )
+    out = save_overlay(result, args.out)
+    print(
+        f"{args.backend}: mask covers {100 * result.area:.1f}% of the image ({result.tokens} tokens, "
+        f"{1000 * result.seconds:.0f} ms); written {out}"
+    )
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the main job: quantize the embedded default, export for Android and iPhone, check, write a report",
+        description="One command from the embedded lavt-tiny to phone-ready files and a report: write ShapesRef, "
+        "score the float model, calibrate it with PTQ4RIS (deployable form) at --bits, score the simulated model, "
+        "export the Android .pte (with the float .pte beside it) and the iPhone .mlpackage from the same calibrated "
+        "graph, check each against the simulation (the .pte on the ExecuTorch host runtime, the package with the "
+        "MIL interpreter, the .pte on an emulated ARM core when qemu-aarch64 and the aarch64 cross compiler are "
+        "installed), time float vs int8, and write OUT/report.html (self-contained) and OUT/report.json. Every step "
+        "is cached under OUT/steps: run it again to reuse finished steps (after an interruption, or with another "
+        "--limit, only what changed reruns). Files: OUT/android/*.pte, OUT/ios/*.mlpackage, OUT/lavt-tiny-<bits>/ "
+        "(the calibrated model, for `ptq4ris evaluate --quantized`).",
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
+    p.add_argument("--data", default=DEFAULT_DATA_ROOT, help="where ShapesRef is written or found (default: %(default)s)")
+    p.add_argument("--bits", default="w8a8", help="bit setting of the exported model: w8a8, w6a6, w4a8 or w4a4 "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--compare-bits", default="w4a4", help="a second, simulated-only setting for the gallery, the "
+                   "activation figures and the sensitivity plot (default: %(default)s)")  # fmt: skip
+    p.add_argument("--limit", type=int, default=1000, help="val pairs scored by the float, simulated and .pte "
+                   "models (default: %(default)s; ShapesRef val has 6,345)")  # fmt: skip
+    p.add_argument("--coreml-limit", type=int, default=200, help="val pairs for the Core ML interpreter "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--arm-limit", type=int, default=8, help="val pairs on emulated ARM (default: %(default)s)")
+    p.add_argument("--no-arm", action="store_true", help="skip the emulated-ARM parity")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the calibration (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from demo.pipeline import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        out=Path(args.out), data=Path(args.data), bits=args.bits, compare_bits=args.compare_bits, limit=args.limit,
+        coreml_limit=args.coreml_limit, arm=not args.no_arm, arm_limit=args.arm_limit, seed=args.seed,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    report = run_demo(cfg)
+    print(f"report: {Path(args.out) / 'report.html'} (and report.json)")
+    for row in report["accuracy"]:
+        if "skipped" in row:
+            print(f"  {row['backend']:<52} skipped: {row['skipped']}")
+        else:
+            agree = f"  mask agreement {row['mask_agreement']:.3f}%" if "mask_agreement" in row else ""
+            print(f"  {row['backend']:<52} mIoU {row['mIoU']:6.2f} on {row['pairs']:>4} pairs{agree}")
+    s, lat = report["sizes"], report["latency"].get("threads=1", {})
+    print(f"  .pte {s['pte_int8_bytes'] / 1e6:.1f} MB ({s['pte_ratio']:.2f}x float); host latency "
+          f"{lat.get('ratio', float('nan')):.2f}x float at 1 thread; run took {report['run']['seconds']:.0f} s")  # fmt: skip
+    print(f"  Android: {report['files']['pte']}   iPhone: {report['files']['coreml']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptq4ris",
@@ -636,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_pte(sub)
     _add_export_coreml(sub)
     _add_parity(sub)
+    _add_segment(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -1,7 +1,7 @@
 """Does the phone compute what the host simulated, and how fast? The device harness.
 
-    python tests/device_parity.py [--adb [--serial S] [--runner NDK_RUNNER]] [--pte runs/pte/lavt-tiny-w8a8.pte]
-                                  [--quantized runs/lavt-tiny-w8a8] [--pairs 4] [--threads 1] [--runs 3]
+    python tests/device_parity.py [--adb [--serial S] [--runner NDK_RUNNER]] [--pte runs/demo/android/lavt-tiny-w8a8.pte]
+                                  [--quantized runs/demo/lavt-tiny-w8a8] [--pairs 4] [--threads 1] [--runs 3]
 
 With ``--adb`` it runs on a phone: finds it, checks it is authorized and arm64-v8a, pushes the runner (the aarch64
 glibc build with its loader and libraries, or an NDK-built runner via ``--runner``), the ``.pte`` programs and real
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from mobile_runtime.export_pte import STAGES, program_paths, stage_inputs
+from mobile_runtime.export_pte import program_paths, stage_inputs
 from mobile_runtime.native_runner import RunResult, read_outputs, write_inputs
 from mobile_runtime.parity import ParityAccumulator, lsb, natural_photo_pairs
-from mobile_runtime.runtime import PteProgram
+from mobile_runtime.runtime import load_full_model, stage_paths
 
 
 class EmulatedPhone:
@@ -139,11 +139,19 @@ def check(phone, pte: Path, quantized: str, refer_root: str, pairs: int, threads
             result = phone.run(paths[name], program_inputs, threads=t, warmup=warmup, runs=runs)
             timings[str(t)] = result.latency_ms
         report["programs"][name] = {"latency_ms": timings, "bytes": paths[name].stat().st_size}
-    host = PteProgram(pte, names=STAGES["full"])
+    host = load_full_model(pte)
     accs = {"val": ParityAccumulator(), "photos": ParityAccumulator()}
     max_lsb = dict.fromkeys(accs, 0.0)
+
+    def on_device(image, ids, mask):
+        """Logits on the device: the full program, or the stage programs chained as the Android app runs them."""
+        if pte.is_file():
+            return phone.run(pte, (image, ids, mask), threads=threads[0], warmup=0, runs=1).outputs[0]
+        features = phone.run(paths["text"], (ids, mask), threads=threads[0], warmup=0, runs=1).outputs[0]
+        return phone.run(paths["visual"], (image, features, mask), threads=threads[0], warmup=0, runs=1).outputs[0]
+
     for which, key, image, ids, mask in inputs:
-        arm = phone.run(pte, (image, ids, mask), threads=threads[0], warmup=0, runs=1).outputs[0]
+        arm = on_device(image, ids, mask)
         x86 = host(image, ids, mask)
         max_lsb[which] = max(max_lsb[which], float((arm - x86).abs().max()) / lsb(x86))
         accs[which].update(key, model(image, ids, mask)[0], arm[0])
@@ -184,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serial", default=None, help="with --adb: the device to use when several are attached")
     p.add_argument("--adb-path", default=os.environ.get("ADB", "adb"), help="the adb executable (default: $ADB or adb)")
     p.add_argument("--runner", default=None, help="an NDK-built ptq4ris_runner to push instead of the glibc build")
-    p.add_argument("--pte", default="runs/pte/lavt-tiny-w8a8.pte", help="full-model program; stage and float "
-                   "programs are taken from beside it (default: %(default)s, written by `make demo`)")  # fmt: skip
-    p.add_argument("--quantized", default="runs/lavt-tiny-w8a8", help="the artifact the programs were exported from "
-                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--pte", default="runs/demo/android/lavt-tiny-w8a8.pte", help="full-model program; stage and "
+                   "float programs are taken from beside it, and when only the stage programs were exported (as "
+                   "`ptq4ris demo` does) parity runs them chained (default: %(default)s, written by `make demo`)")  # fmt: skip
+    p.add_argument("--quantized", default="runs/demo/lavt-tiny-w8a8", help="the artifact the programs were exported "
+                   "from (default: %(default)s)")  # fmt: skip
     p.add_argument("--refer-root", default="data", help="refer root with the val split (default: %(default)s)")
     p.add_argument(
         "--pairs", type=int, default=8, help="val pairs checked (plus two photographs) (default: %(default)s)"
@@ -201,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     args = p.parse_args(argv)
     pte = Path(args.pte)
-    if not pte.is_file():
-        print(f"error: no program at {pte}: run `make demo` or `ptq4ris export-pte --out {pte}`", file=sys.stderr)
+    if not pte.is_file() and not all(p.is_file() for p in stage_paths(pte)):
+        print(f"error: no program at {pte} (nor its text and visual stage programs): run `make demo` or "
+              f"`ptq4ris export-pte --out {pte}`", file=sys.stderr)  # fmt: skip
         return 2
     from mobile_runtime.adb import AdbError
     from mobile_runtime.native_runner import ToolMissing
