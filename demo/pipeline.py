@@ -65,6 +65,7 @@ class DemoConfig:
     limit: int = 1000  # val pairs for float, simulated and .pte
     coreml_limit: int = 200  # the MIL interpreter runs numpy op by op: ~8x slower than the .pte
     arm: bool = True
+    build_arm: bool = False  # build the aarch64 runner when it is missing (downloads the aarch64 wheel, ~2 min)
     arm_limit: int = 8  # qemu runs a forward in ~3 s
     calib_size: int = 32
     seed: int = 0
@@ -284,11 +285,19 @@ def _parity(cfg: DemoConfig, paths: dict[str, Path], backend: str) -> dict:
     return report
 
 
-def arm_tools_missing() -> str | None:
-    """Why emulated ARM cannot run here (None when it can)."""
+def arm_unavailable(build: bool) -> str | None:
+    """Why emulated ARM does not run in this demo (None when it does): the cross tools are missing, or the aarch64
+    runner is not built and ``build`` is off."""
+    from mobile_runtime.native_runner import DEFAULT_BUILD
+
     missing = [t for t in ("qemu-aarch64", "aarch64-linux-gnu-g++", "cmake") if shutil.which(t) is None]
     if missing:
         return f"{', '.join(missing)} not installed (`make system-tools` installs them)"
+    if not build and not (DEFAULT_BUILD / "native-aarch64" / "ptq4ris_runner").is_file():
+        return (
+            "the aarch64 runner is not built: `python -m mobile_runtime.native_runner build --target aarch64` "
+            "(or `ptq4ris demo --build-arm`) sets it up"
+        )
     return None
 
 
@@ -375,7 +384,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         if exporting is not None:  # a step failed while the children were lowering: do not leave them running
             exporting.kill()
     step("parity_pte", lambda: _parity(cfg, paths, "pte"), ("export_pte",), keys=("limit",))
-    missing = arm_tools_missing() if cfg.arm else "skipped (--no-arm)"
+    missing = arm_unavailable(cfg.build_arm) if cfg.arm else "skipped (--no-arm)"
     if missing is None:
         step("parity_arm", lambda: _parity(cfg, paths, "arm"), ("export_pte",), keys=("arm_limit",))
     else:

@@ -405,6 +405,7 @@ def render_html(report: dict, images: dict[str, bytes], gallery) -> str:
     """The report as one HTML page with every image embedded."""
     r = report
     cal = r.get("calibration", {})
+    wbits, abits = r["recipe"]["bits"][1:].split("a")
     lines = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(r['title'])}</title><style>{_CSS}</style></head><body><main>",
@@ -414,7 +415,7 @@ def render_html(report: dict, images: dict[str, bytes], gallery) -> str:
             "language fusion, MiniLM text encoder, PWAM, decoder) quantized after training with PTQ4RIS: "
             f"{r['quantized_layers']} layers — every Linear and Conv of the vision, text, fusion and decoder parts and the "
             f"attention matmuls — calibrated on {cal.get('pairs', '?')} {html.escape(str(cal.get('dataset', '')))} "
-            f"{html.escape(str(cal.get('split', '')))} pairs. Weights are int8 per output channel; activations int8, with "
+            f"{html.escape(str(cal.get('split', '')))} pairs. Weights are {wbits}-bit per output channel; activations {abits}-bit, with "
             "dual-region grids (DRQ) after softmax and GELU and range-ordered channel groups (RORQ) on text-encoder inputs. "
             "The same calibrated graph became an Android <code>.pte</code> (ExecuTorch, XNNPACK) and an iPhone "
             "<code>.mlpackage</code> (Core ML).</p>"

@@ -252,7 +252,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "--pwam-groups",
         type=int,
         default=None,
-        help="channel groups of PWAM's fusion input with --pwam groups (default: the method's, 16)",
+        help="channel groups of PWAM's fusion inputs with --pwam groups; 0 picks by activation bits (default: the "
+        "method's: ptq4ris-deploy one grid at A8 and 16 groups below, the others 16)",
     )
     p.add_argument(
         "--objective",
@@ -687,7 +688,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coreml-limit", type=int, default=200, help="val pairs for the Core ML interpreter "
                    "(default: %(default)s)")  # fmt: skip
     p.add_argument("--arm-limit", type=int, default=8, help="val pairs on emulated ARM (default: %(default)s)")
-    p.add_argument("--no-arm", action="store_true", help="skip the emulated-ARM parity")
+    p.add_argument("--no-arm", action="store_true", help="skip the emulated-ARM parity (it runs when the aarch64 "
+                   "runner is built: `make system-tools`, then `python -m mobile_runtime.native_runner build --target "
+                   "aarch64`)")  # fmt: skip
+    p.add_argument("--build-arm", action="store_true", help="build the aarch64 runner first when it is missing "
+                   "(downloads the aarch64 ExecuTorch wheel once)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the calibration (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=_run_demo)
@@ -698,8 +703,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(
         out=Path(args.out), data=Path(args.data), bits=args.bits, compare_bits=args.compare_bits, limit=args.limit,
-        coreml_limit=args.coreml_limit, arm=not args.no_arm, arm_limit=args.arm_limit, seed=args.seed,
-        progress=not args.no_progress,
+        coreml_limit=args.coreml_limit, arm=not args.no_arm, build_arm=args.build_arm, arm_limit=args.arm_limit,
+        seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
     report = run_demo(cfg)
     print(f"report: {Path(args.out) / 'report.html'} (and report.json)")

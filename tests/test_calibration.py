@@ -225,8 +225,20 @@ def _qparams(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "quantizer" in k}
 
 
+def test_channel_groups_are_sized_by_activation_bits():
+    deploy8, deploy4 = make_recipe("ptq4ris-deploy", "w8a8"), make_recipe("ptq4ris-deploy", "w4a4")
+    assert (deploy8.text_group_count, deploy8.pwam_group_count, deploy8.pwam_grouped) == (8, 1, False)
+    assert (deploy4.text_group_count, deploy4.pwam_group_count, deploy4.pwam_grouped) == (96, 16, True)
+    assert make_recipe("ptq4ris", "w8a8").pwam_group_count == 16
+    assert make_recipe("ptq4ris-deploy", "w8a8", pwam_groups=4).pwam_group_count == 4
+    assert make_recipe("ptq4ris-deploy", "w4a4", pwam="plain").pwam_group_count == 1
+    with pytest.raises(ValueError, match="pwam_groups must be >= 0"):
+        make_recipe("ptq4ris-deploy", "w8a8", pwam_groups=-1)
+
+
 def test_calibration_is_deterministic_and_round_trips(tiny, batch, tmp_path):
-    recipe = make_recipe("ptq4ris-deploy", "w8a8", **FAST)
+    # PWAM groups forced at A8 (the preset uses one grid there) so that their folding is covered too.
+    recipe = make_recipe("ptq4ris-deploy", "w8a8", pwam_groups=16, **FAST)
     q1, report = calibrate(tiny, recipe, batch, chunk_size=2)
     q2, _ = calibrate(tiny, recipe, batch, chunk_size=2)
     p1, p2 = _qparams(q1), _qparams(q2)

@@ -29,6 +29,7 @@ def _config(root: Path, out: Path, **changes) -> DemoConfig:
     settings = {
         "out": out, "data": root, "limit": 6, "coreml_limit": 2, "arm_limit": 2, "calib_size": 4, "train_scenes": 8,
         "val_scenes": 3, "model_factory": small_model, "recipe_overrides": QUICK, "progress": False,
+        "build_arm": True,
     }  # fmt: skip
     settings.update(changes)
     return DemoConfig(**settings)

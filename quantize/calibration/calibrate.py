@@ -129,7 +129,7 @@ def _fold_channel_orders(model: nn.Module, recipe: Recipe, batch: CalibrationBat
     bert = model.text_encoder
     layers = len(bert.encoder.layer)
     stages = len(model.backbone.layers)
-    if recipe.text == "groups" or recipe.pwam == "groups":
+    if recipe.text == "groups" or recipe.pwam_grouped:
         hidden_inputs = {f"text_encoder.encoder.layer.{i}.attention.self.query": -1 for i in range(layers)}
         hidden_inputs |= {f"text_encoder.encoder.layer.{i}.intermediate.dense": -1 for i in range(layers)}
         hidden_inputs |= {f"backbone.layers.{s}.fusion.image_lang_att.f_key.0": 1 for s in range(stages)}
@@ -148,7 +148,7 @@ def _fold_channel_orders(model: nn.Module, recipe: Recipe, batch: CalibrationBat
             context = ranges[f"text_encoder.encoder.layer.{i}.attention.output.dense"].cpu()
             folding.permute_bert_context(model, i, folding.head_preserving_order(context, heads))
         folded["text_intermediate"] = folded["text_context"] = layers
-    if recipe.pwam == "groups":
+    if recipe.pwam_grouped:
         names = {f"backbone.layers.{s}.fusion.project_mm.0": 1 for s in range(stages)}
         ranges = _channel_ranges(model, batch, names, chunk, device)
         for s in range(stages):
