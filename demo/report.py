@@ -41,19 +41,22 @@ def accuracy_rows(results: dict[str, dict], bits: str, compare_bits: str) -> lis
         },
     ]
     deployed = (
-        ("parity_pte", f"{bits.upper()} .pte, ExecuTorch XNNPACK (x86 host)"),
-        ("parity_coreml", f"{bits.upper()} .mlpackage, Core ML (MIL interpreter)"),
-        ("parity_arm", f"{bits.upper()} .pte, emulated ARM (qemu cortex-a76)"),
+        ("parity_pte", f"{bits.upper()} .pte, ExecuTorch XNNPACK (x86 host)", "x86 .pte"),
+        ("parity_coreml", f"{bits.upper()} .mlpackage, Core ML (MIL interpreter)", "Core ML"),
+        ("parity_arm", f"{bits.upper()} .pte, emulated ARM (qemu cortex-a76)", "ARM .pte"),
     )
-    for step, label in deployed:
+    for step, label, short in deployed:
         parity = results.get(step, {})
         val = _val_set(parity)
         if val is None:
-            rows.append({"backend": label, "kind": "deployed", "skipped": parity.get("skipped", "not run")})
+            rows.append(
+                {"backend": label, "short": short, "kind": "deployed", "skipped": parity.get("skipped", "not run")}
+            )
             continue
         photos = _photo_set(parity)
         row = {
             "backend": label,
+            "short": short,
             "kind": "deployed",
             **_metrics(val["deployed"]),
             "mask_agreement": val["mask_agreement"],
@@ -239,17 +242,13 @@ def _f(value, digits: int = 2, suffix: str = "") -> str:
 
 
 def _cards(report: dict) -> str:
-    acc = {r["kind"] + ":" + r["backend"]: r for r in report["accuracy"]}
     rows = report["accuracy"]
     float_row, sim_row, pte_row = rows[0], rows[1], rows[2]
     sizes, latency = report["sizes"], report["latency"]
     one = latency.get("threads=1", {})
     agreement = " · ".join(
-        f"{r['backend'].split(',')[0].split(' ', 1)[1]} {r['mask_agreement']:.2f}%"
-        for r in rows
-        if r["kind"] == "deployed" and "mask_agreement" in r
+        f"{r['short']} {r['mask_agreement']:.2f}%" for r in rows if r["kind"] == "deployed" and "mask_agreement" in r
     )
-    del acc
     return f"""
 <div class="cards">
  <div class="card"><h3>Accuracy on the phone (.pte)</h3><div class="big">{_f(pte_row.get("mIoU"))} mIoU</div>

@@ -50,15 +50,32 @@ def _parity_cell(name: str, pte: Path, artifact: Path, refer_root: str, cache: P
         report = run_parity(model, str(pte), val, progress=True)
         report["recipe"] = f"{recipe.method} {recipe.bits}"
         write_atomic(cell, json.dumps(report, indent=2, default=str).encode())
-    lowering = json.loads(program_paths(pte)["report"].read_text())["programs"]["full"]
+    programs = json.loads(program_paths(pte)["report"].read_text())["programs"]
     keep = ("bytes", "delegation", "lowered_as", "weight_storage", "kernels", "seconds")
-    return {**report, "lowering": {k: lowering[k] for k in keep}}
+    if "full" in programs:
+        return {**report, "lowering": {k: programs["full"][k] for k in keep}}
+    # Only the stage programs were exported (what the Android app loads): the model is the two together.
+    return {**report, "lowering": _combined(programs["text"], programs["visual"], keep)}
+
+
+def _combined(text: dict, visual: dict, keys: tuple[str, ...]) -> dict:
+    """Two programs' lowering reports as one: sizes, counts and seconds added up, nested counts merged."""
+
+    def add(a, b):
+        if isinstance(a, dict):
+            return {k: add(a.get(k, 0), b.get(k, 0)) for k in {**a, **b}}
+        if isinstance(a, list):
+            return a + b
+        return a + b
+
+    return {k: add(text[k], visual[k]) for k in keys}
 
 
 def render_section(cells: dict[str, dict], bench: dict | None, float_bytes: int | None) -> str:
     lines = [MARKER, "", "## Deployed: `.pte` programs on the ExecuTorch host runtime (XNNPACK)", ""]
     lines.append(
-        "Produced by `ptq4ris export-pte` and checked by `ptq4ris parity` (full model program, batch 1). "
+        "Produced by `ptq4ris export-pte` and checked by `ptq4ris parity` (the full-model program, or the text and "
+        "visual programs chained where only they were exported, batch 1). "
         "Parity compares the `.pte` with the simulated model it was exported from; mIoU / oIoU in %."
     )
     lines += [

@@ -252,8 +252,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "--pwam-groups",
         type=int,
         default=None,
-        help="channel groups of PWAM's fusion inputs with --pwam groups; 0 picks by activation bits (default: the "
-        "method's: ptq4ris-deploy one grid at A8 and 16 groups below, the others 16)",
+        help="channel groups of PWAM's fusion inputs with --pwam groups; 0 picks by bits (default: the method's: "
+        "ptq4ris-deploy one grid at W8A8 and 16 groups otherwise, the others 16)",
     )
     p.add_argument(
         "--objective",

@@ -82,7 +82,8 @@ def render(cache: Path) -> str:
     cells = {}
     for f in sorted(cache.glob("*.json")):
         cell = json.loads(f.read_text())
-        cells[(cell["row"], cell["bits"])] = cell
+        if "row" in cell:  # the deployment section's cells (pte-*.json) share the folder
+            cells[(cell["row"], cell["bits"])] = cell
     fp = cells.get(("fp", "fp"))
     bits = list(BIT_SETTINGS)
     lines = [

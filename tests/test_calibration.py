@@ -229,6 +229,7 @@ def test_channel_groups_are_sized_by_activation_bits():
     deploy8, deploy4 = make_recipe("ptq4ris-deploy", "w8a8"), make_recipe("ptq4ris-deploy", "w4a4")
     assert (deploy8.text_group_count, deploy8.pwam_group_count, deploy8.pwam_grouped) == (8, 1, False)
     assert (deploy4.text_group_count, deploy4.pwam_group_count, deploy4.pwam_grouped) == (96, 16, True)
+    assert make_recipe("ptq4ris-deploy", "w4a8").pwam_group_count == 16  # 4-bit weights: the groups pay at A8
     assert make_recipe("ptq4ris", "w8a8").pwam_group_count == 16
     assert make_recipe("ptq4ris-deploy", "w8a8", pwam_groups=4).pwam_group_count == 4
     assert make_recipe("ptq4ris-deploy", "w4a4", pwam="plain").pwam_group_count == 1
