@@ -5,7 +5,8 @@ Steps (each cached in ``OUT/steps/``; a second run reuses what finished):
 1. ShapesRef val and the train scenes calibration draws from;
 2. the float model on the first ``limit`` val pairs;
 3. PTQ4RIS calibration (deployable form) at ``bits`` and, for the gallery and the activation figures, at
-   ``compare_bits``; both simulated models evaluated on the same pairs;
+   ``compare_bits``, evaluated on the same pairs (the ``bits`` model's simulated scores come from the ``.pte``
+   parity step, which runs it on those pairs anyway);
 4. the ``.pte`` programs (full model, and the float one for size and speed) and the ``.mlpackage``, converted from the
    same calibrated graph. Android gets the stage programs its app loads (text: ids → word features; visual: image +
    features → mask), lowered in two child processes beside the Core ML conversion and the second calibration (the
@@ -63,7 +64,7 @@ class DemoConfig:
     bits: str = "w8a8"
     compare_bits: str = "w4a4"
     limit: int = 1000  # val pairs for float, simulated and .pte
-    coreml_limit: int = 200  # the MIL interpreter runs numpy op by op: ~8x slower than the .pte
+    coreml_limit: int = 100  # the MIL interpreter runs numpy op by op: ~8x slower than the .pte
     arm: bool = True
     build_arm: bool = False  # build the aarch64 runner when it is missing (downloads the aarch64 wheel, ~2 min)
     arm_limit: int = 8  # qemu runs a forward in ~3 s
@@ -314,10 +315,10 @@ def _sensitivity(cfg: DemoConfig, artifact: Path) -> dict:
     from quantize.calibration.sensitivity import analyze
 
     model = load_quantized(artifact)[0]
-    pairs = calibration_batch(_dataset(cfg.data, "train", model.config), 8)
+    pairs = calibration_batch(_dataset(cfg.data, "train", model.config), 4)
     val = _dataset(cfg.data, "val", model.config)
     return analyze(
-        model, (pairs.images, pairs.input_ids, pairs.attention_mask), val, limit=min(cfg.limit, 300),
+        model, (pairs.images, pairs.input_ids, pairs.attention_mask), val, limit=min(cfg.limit, 200),
         progress=cfg.progress,
     )  # fmt: skip
 
@@ -362,10 +363,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         _log("[export_pte] started in two child processes")
         exporting = PteExport(cfg, paths)
     try:
-        step(
-            "simulated", lambda: _evaluate(load_quantized(paths["artifact"])[0], cfg, f"simulated {cfg.bits}"),
-            ("calibrate",), keys=("limit",),
-        )  # fmt: skip
         step("export_coreml", lambda: _export_coreml(cfg, paths), ("calibrate",), (paths["coreml"],))
         step(
             "calibrate_compare", lambda: _calibrate(cfg, cfg.compare_bits, paths["compare"]), ("data",),

@@ -668,14 +668,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the main job: quantize the embedded default, export for Android and iPhone, check, write a report",
         description="One command from the embedded lavt-tiny to phone-ready files and a report: write ShapesRef, "
-        "score the float model, calibrate it with PTQ4RIS (deployable form) at --bits, score the simulated model, "
-        "export the Android .pte (with the float .pte beside it) and the iPhone .mlpackage from the same calibrated "
-        "graph, check each against the simulation (the .pte on the ExecuTorch host runtime, the package with the "
-        "MIL interpreter, the .pte on an emulated ARM core when qemu-aarch64 and the aarch64 cross compiler are "
-        "installed), time float vs int8, and write OUT/report.html (self-contained) and OUT/report.json. Every step "
-        "is cached under OUT/steps: run it again to reuse finished steps (after an interruption, or with another "
-        "--limit, only what changed reruns). Files: OUT/android/*.pte, OUT/ios/*.mlpackage, OUT/lavt-tiny-<bits>/ "
-        "(the calibrated model, for `ptq4ris evaluate --quantized`).",
+        "score the float model, calibrate it with PTQ4RIS (deployable form) at --bits (and at --compare-bits for "
+        "the gallery), score the simulated models, export the Android programs (the text and visual stage .pte the "
+        "app loads, and the float .pte) and the iPhone .mlpackage from the same calibrated graph, check each "
+        "against the simulation (the .pte on the ExecuTorch host runtime, the package with the MIL interpreter, the "
+        ".pte on an emulated ARM core once the aarch64 runner is built), time float vs int8, and write "
+        "OUT/report.html (self-contained) and OUT/report.json. Every step is cached under OUT/steps: run it again "
+        "to reuse finished steps (after an interruption, or with another --limit, only what changed reruns). "
+        "Files: OUT/android/*.pte, OUT/ios/*.mlpackage, OUT/lavt-tiny-<bits>/ (the calibrated model, for "
+        "`ptq4ris evaluate --quantized` and `ptq4ris segment --quantized`).",
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     p.add_argument("--data", default=DEFAULT_DATA_ROOT, help="where ShapesRef is written or found (default: %(default)s)")
@@ -685,7 +686,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    "activation figures and the sensitivity plot (default: %(default)s)")  # fmt: skip
     p.add_argument("--limit", type=int, default=1000, help="val pairs scored by the float, simulated and .pte "
                    "models (default: %(default)s; ShapesRef val has 6,345)")  # fmt: skip
-    p.add_argument("--coreml-limit", type=int, default=200, help="val pairs for the Core ML interpreter "
+    p.add_argument("--coreml-limit", type=int, default=100, help="val pairs for the Core ML interpreter "
                    "(default: %(default)s)")  # fmt: skip
     p.add_argument("--arm-limit", type=int, default=8, help="val pairs on emulated ARM (default: %(default)s)")
     p.add_argument("--no-arm", action="store_true", help="skip the emulated-ARM parity (it runs when the aarch64 "
