@@ -359,9 +359,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     pte_key = {"settings": {}, "after": [digest(results["calibrate"])]}
     pte_outputs = (paths["pte_text"], paths["pte_visual"], paths["pte_float"], paths["lowering"])
     exporting = None
+    threads = torch.get_num_threads()
     if cache.cached("export_pte", pte_key, pte_outputs) is None:
         _log("[export_pte] started in two child processes")
         exporting = PteExport(cfg, paths)
+        # Three processes share the cores now: intra-op threads would spin-wait against the children.
+        torch.set_num_threads(1)
     try:
         step("export_coreml", lambda: _export_coreml(cfg, paths), ("calibrate",), (paths["coreml"],))
         step(
@@ -378,6 +381,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         step("export_pte", lambda: (exporting or PteExport(cfg, paths)).wait(cfg.progress), ("calibrate",), pte_outputs)
         exporting = None
     finally:
+        torch.set_num_threads(threads)
         if exporting is not None:  # a step failed while the children were lowering: do not leave them running
             exporting.kill()
     step("parity_pte", lambda: _parity(cfg, paths, "pte"), ("export_pte",), keys=("limit",))

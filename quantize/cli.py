@@ -718,7 +718,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     s, lat = report["sizes"], report["latency"].get("threads=1", {})
     print(f"  .pte {s['pte_int8_bytes'] / 1e6:.1f} MB ({s['pte_ratio']:.2f}x float); host latency "
           f"{lat.get('ratio', float('nan')):.2f}x float at 1 thread; run took {report['run']['seconds']:.0f} s")  # fmt: skip
-    print(f"  Android: {report['files']['pte']}   iPhone: {report['files']['coreml']}")
+    android = Path(report["files"]["pte"])
+    print(f"  Android: {android.with_suffix('.text.pte')} + {android.with_suffix('.visual.pte').name} (the app's two "
+          f"programs; {android.with_suffix('.float.pte').name} for comparison)")  # fmt: skip
+    print(f"  iPhone:  {report['files']['coreml']}")
     return 0
 
 
