@@ -318,7 +318,7 @@ def _sensitivity(cfg: DemoConfig, artifact: Path) -> dict:
     pairs = calibration_batch(_dataset(cfg.data, "train", model.config), 4)
     val = _dataset(cfg.data, "val", model.config)
     return analyze(
-        model, (pairs.images, pairs.input_ids, pairs.attention_mask), val, limit=min(cfg.limit, 200),
+        model, (pairs.images, pairs.input_ids, pairs.attention_mask), val, limit=min(cfg.limit, 100),
         progress=cfg.progress,
     )  # fmt: skip
 
