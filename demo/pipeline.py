@@ -385,7 +385,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         if exporting is not None:  # a step failed while the children were lowering: do not leave them running
             exporting.kill()
     step("parity_pte", lambda: _parity(cfg, paths, "pte"), ("export_pte",), keys=("limit",))
-    missing = arm_unavailable(cfg.build_arm) if cfg.arm else "skipped (--no-arm)"
+    missing = arm_unavailable(cfg.build_arm) if cfg.arm else "--no-arm was given"
     if missing is None:
         step("parity_arm", lambda: _parity(cfg, paths, "arm"), ("export_pte",), keys=("arm_limit",))
     else:
