@@ -28,7 +28,6 @@ class StepCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.reused: list[str] = []
-        self.ran: dict[str, float] = {}
 
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}.json"
@@ -52,7 +51,6 @@ class StepCache:
             return result
         start = time.perf_counter()
         result = fn()
-        self.ran[name] = round(time.perf_counter() - start, 1)
-        result = {**result, "step_seconds": self.ran[name]}
+        result = {**result, "step_seconds": round(time.perf_counter() - start, 1)}
         write_atomic(self._path(name), json.dumps({"key": digest(key), "result": result}, indent=1).encode())
         return result

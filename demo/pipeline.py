@@ -95,7 +95,6 @@ class DemoConfig:
             "pte_float": out / "android" / f"{name}.float.pte",
             "lowering": out / "android" / f"{name}.lowering.json",
             "coreml": out / "ios" / f"{name}.mlpackage",
-            "coreml_report": out / "ios" / f"{name}.coreml.json",
             "figures": out / "figures",
             "steps": out / "steps",
             "log": out / "logs",
@@ -147,8 +146,6 @@ def _dataset(data: Path, split: str, cfg):
 def _write_data(cfg: DemoConfig) -> dict:
     """ShapesRef train (the scenes calibration draws from) and val, reusing a ShapesRef already at ``cfg.data`` that
     holds them: scenes are a function of (seed, split, index), so a larger train split starts with the same ones."""
-    import json
-
     from quantize.data.shapesref import DEFAULT_SPLIT_SCENES, GENERATOR_VERSION, write_shapesref
 
     scenes = {"train": cfg.train_scenes, "val": cfg.val_scenes or DEFAULT_SPLIT_SCENES["val"]}
@@ -177,7 +174,7 @@ def _evaluate(model, cfg: DemoConfig, label: str) -> dict:
 
 def _calibrate(cfg: DemoConfig, bits: str, out: Path) -> dict:
     from quantize.calibration.artifact import save_quantized
-    from quantize.calibration.calibrate import calibrate, calibration_batch
+    from quantize.calibration.calibrate import calibrate, calibration_batch, calibration_record
     from quantize.calibration.recipe import make_recipe
 
     recipe = make_recipe(METHOD, bits, **{"seed": cfg.seed, **cfg.recipe_overrides})
@@ -185,18 +182,7 @@ def _calibrate(cfg: DemoConfig, bits: str, out: Path) -> dict:
     train = _dataset(cfg.data, "train", model.config)
     batch = calibration_batch(train, cfg.calib_size)
     quantized, report = calibrate(model, recipe, batch, progress=cfg.progress)
-    extra = {
-        "calibration": {
-            "dataset": "shapesref",
-            "split_by": "unc",
-            "split": "train",
-            "pairs": len(batch),
-            "selection": batch.description,
-            "seconds": round(report.seconds, 2),
-            "folded": report.folded,
-        }
-    }
-    save_quantized(quantized.cpu(), recipe, out, MODEL, extra)
+    save_quantized(quantized.cpu(), recipe, out, MODEL, {"calibration": calibration_record(train, batch, report)})
     return {"artifact": str(out), "method": METHOD, "bits": bits, "sites": report.sites, "seconds": report.seconds}
 
 
@@ -231,15 +217,11 @@ class PteExport:
                 raise RuntimeError(
                     f"`ptq4ris export-pte` ({name}) failed (exit {code}); its log: {log}\n{log.read_text()[-3000:]}"
                 )
-        files = {k: self.paths[k] for k in ("pte_text", "pte_visual", "pte_float")}
+        from mobile_runtime.runtime import program_bytes
+
         return {
             "lowering": json.loads(self.paths["lowering"].read_text()),
-            "bytes": {
-                "int8": files["pte_text"].stat().st_size + files["pte_visual"].stat().st_size,
-                "text": files["pte_text"].stat().st_size,
-                "visual": files["pte_visual"].stat().st_size,
-                "float": files["pte_float"].stat().st_size,
-            },
+            "bytes": {"int8": program_bytes(self.paths["pte"]), "float": program_bytes(self.paths["pte_float"])},
         }
 
     def kill(self) -> None:

@@ -127,11 +127,17 @@ def overlay(photo: Image.Image, mask: np.ndarray, outline=OUTLINE, dim: float = 
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
-def save_overlay(result: Segmentation, out: str | Path) -> Path:
-    """Write the overlay as a PNG (atomically)."""
+def png_path(out: str | Path) -> Path:
+    """``out`` when it names a PNG file, else a clear error (checked before the model runs, too)."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
+    return out
+
+
+def save_overlay(result: Segmentation, out: str | Path) -> Path:
+    """Write the overlay as a PNG (atomically)."""
+    out = png_path(out)
     buffer = io.BytesIO()
     overlay(result.image, result.mask).save(buffer, format="PNG")
     write_atomic(out, buffer.getvalue())

@@ -47,7 +47,7 @@ def benchmark(programs: dict[str, str | Path], threads: list[int], runs: int = 2
     """Time ``programs`` (name → path) interleaved at each thread count; returns per-thread-count statistics."""
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
-    from .runtime import PteProgram, load_full_model, program_bytes
+    from .runtime import load_full_model, program_bytes
 
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be positive and warmup non-negative")
@@ -59,7 +59,7 @@ def benchmark(programs: dict[str, str | Path], threads: list[int], runs: int = 2
         loaded = None
         gc.collect()
         _unsafe_reset_threadpool(n_threads)
-        loaded = {name: PteProgram(p) if Path(p).is_file() else load_full_model(p) for name, p in programs.items()}
+        loaded = {name: load_full_model(path) for name, path in programs.items()}
         inputs = {name: program_inputs(p) for name, p in loaded.items()}
         for name in names:
             for _ in range(warmup):

@@ -66,6 +66,9 @@ class PteProgram:
         return self.method.execute(self._check(inputs))[0]
 
 
+FULL_INPUTS = ("image", "input_ids", "attention_mask")
+
+
 class StagedPrograms:
     """The text and visual stage programs chained as one model, as the Android app runs them: ids → word features
     (``<stem>.text.pte``), then image + word features → mask logits (``<stem>.visual.pte``). It takes and returns
@@ -89,11 +92,15 @@ def stage_paths(full: str | Path) -> tuple[Path, Path]:
 
 
 def load_full_model(pte: str | Path) -> PteProgram | StagedPrograms:
-    """A callable ``(image, input_ids, attention_mask) -> logits`` for ``X.pte``: the full-model program when it was
-    exported, else its text and visual stage programs chained (an export with ``--stages text visual``)."""
+    """The program at ``X.pte`` when it exists (for a full-model program, a callable ``(image, input_ids,
+    attention_mask) -> logits``), else its text and visual stage programs chained into that callable (an export with
+    ``--stages text visual``)."""
     pte = Path(pte)
     if pte.is_file():
-        return PteProgram(pte, names=("image", "input_ids", "attention_mask"))
+        program = PteProgram(pte)
+        if len(program.input_shapes) == len(FULL_INPUTS):
+            program.names = FULL_INPUTS  # errors then name the inputs
+        return program
     text, visual = stage_paths(pte)
     if text.is_file() and visual.is_file():
         return StagedPrograms(text, visual)

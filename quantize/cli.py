@@ -290,7 +290,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     from .calibration.artifact import save_quantized
-    from .calibration.calibrate import calibrate, calibration_batch
+    from .calibration.calibrate import calibrate, calibration_batch, calibration_record
     from .calibration.recipe import make_recipe
     from .models.registry import build_model
 
@@ -318,17 +318,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         raise
     batch = calibration_batch(dataset, args.calib_size)
     quantized, report = calibrate(model, recipe, batch, chunk_size=args.chunk_size, device=args.device, progress=True)
-    extra = {
-        "calibration": {
-            "dataset": args.dataset,
-            "split_by": args.split_by,
-            "split": args.split,
-            "pairs": len(batch),
-            "selection": batch.description,
-            "seconds": round(report.seconds, 2),
-            "folded": report.folded,
-        }
-    }
+    extra = {"calibration": calibration_record(dataset, batch, report)}
     out = save_quantized(quantized.cpu(), recipe, args.out, args.model, extra)
     print(
         f"{recipe.method} {recipe.bits}: {report.sites} quantized layers calibrated in {report.seconds:.1f} s "
@@ -641,10 +631,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from demo.segment import save_overlay, segment
+    from demo.segment import png_path, save_overlay, segment
 
-    if Path(args.out).suffix.lower() != ".png":  # before the model runs
-        raise ValueError(f"--out must name a .png file, got {args.out}")
+    png_path(args.out)  # refuse a wrong output before the model runs
     result = segment(
         args.image,
         args.text,

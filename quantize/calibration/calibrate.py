@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,20 @@ class CalibrationReport:
     blocks: int = 0
     sites: int = 0
     folded: dict[str, int] = field(default_factory=dict)
+
+
+def calibration_record(dataset, batch: CalibrationBatch, report: CalibrationReport) -> dict[str, Any]:
+    """What an artifact records of its calibration (``config.json``'s ``calibration``): the split the pairs came from,
+    so that export can observe its GEMM output ranges on the same pairs, and what calibration did."""
+    return {
+        "dataset": dataset.dataset,
+        "split_by": dataset.split_by,
+        "split": dataset.split,
+        "pairs": len(batch),
+        "selection": batch.description,
+        "seconds": round(report.seconds, 2),
+        "folded": report.folded,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- folding
