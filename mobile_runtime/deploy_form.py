@@ -5,12 +5,14 @@ have: DRQ's two regions, RORQ's channel groups. Each has an exact equivalent bui
 
 - uniform input grid: one stream, ``op(x, ŵ)`` with the input on that grid;
 - RORQ channel groups (the permutation already folded into the weights): one stream per contiguous group,
-  ``Σ_g op(x[g], ŵ[:, g])``, each group on its own grid;
+  ``Σ_g op(x[g], ŵ[:, g])``, each group on its own grid; with magnitude tiers the groups take the bulk
+  ``clamp(x, ±t_1)`` and every tier slice ``clamp(x, ±t_{i+1}) − clamp(x, ±t_i)`` is one more stream through the whole
+  weight (the same int8 tensor, stored once);
 - DRQ post-GELU: Q(x) = Q_neg(min(x, 0)) + Q_pos(max(x, 0)) and ``op`` is linear, so two streams on the two regions;
 - DRQ post-softmax feeds an activation × activation matmul, which XNNPACK runs in F32 anyway: the two regions stay
   as exact float ops (floor/clamp/mul, all delegated) in front of the F32 ``bmm``;
-- element-wise RORQ tiers pick a grid per element; an exact form needs one full GEMM per tier (up to 10), which
-  defeats the purpose, so they are refused: calibrate with ``ptq4ris-deploy`` (channel groups) to deploy.
+- element-wise RORQ tiers pick a grid per element, each grid covering its tier's values only; they are refused:
+  calibrate with ``ptq4ris-deploy``, whose tier slices are the deployable equivalent.
 
 The streams compute in float here; :class:`~mobile_runtime.calibrated_quantizer.CalibratedQuantizer` annotates each
 stream's GEMM with its grids so that PT2E conversion puts the calibrated scales, unchanged, into the graph. Weights
@@ -146,23 +148,36 @@ class QuantStream(nn.Module):
 
 
 class DeployLayer(nn.Module):
-    """A quantized Linear/Conv as the sum of its streams; ``feed`` says which part of the input each stream gets."""
+    """A quantized Linear/Conv as the sum of its streams; ``feed`` says which part of the input each stream gets.
 
-    def __init__(self, streams: list[QuantStream], feed: str, axis: int = -1) -> None:
+    With ``feed="groups"`` the first ``groups`` streams take contiguous channel blocks of the input, clamped to
+    ±``thresholds[0]`` when there are magnitude tiers; each further stream takes one tier's slice, whole width.
+    """
+
+    def __init__(
+        self, streams: list[QuantStream], feed: str, axis: int = -1, groups: int = 0, thresholds: tuple = ()
+    ) -> None:
         super().__init__()
         self.streams = nn.ModuleList(streams)
-        self.feed, self.axis = feed, axis
+        self.feed, self.axis, self.groups, self.thresholds = feed, axis, groups, tuple(thresholds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feed == "whole":
             return self.streams[0](x)
         if self.feed == "drq_gelu":
             return self.streams[0](x.clamp(max=0)) + self.streams[1](x.clamp(min=0))
-        width = x.shape[self.axis] // len(self.streams)
+        t = self.thresholds
+        bulk = x.clamp(-t[0], t[0]) if t else x
+        width = x.shape[self.axis] // self.groups
         out = None
-        for g, stream in enumerate(self.streams):
-            y = stream(x.narrow(self.axis, g * width, width))
+        for g, stream in enumerate(self.streams[: self.groups]):
+            y = stream(bulk.narrow(self.axis, g * width, width))
             out = y if out is None else out + y
+        prev = bulk
+        for i, stream in enumerate(self.streams[self.groups :]):
+            cur = x.clamp(-t[i + 1], t[i + 1]) if i + 1 < len(t) else x
+            out = out + stream(cur - prev)
+            prev = cur
         return out
 
 
@@ -272,8 +287,14 @@ def _lower_layer(site: nn.Module) -> tuple[DeployLayer, SiteLowering]:
         for g in range(q.groups):
             grid = _container(q.scale[g].item(), q.zero_point[g].item(), q.qmin, q.qmax, q.bits)
             streams.append(stream(weight.narrow(1, g * width, width), bias if g == 0 else None, grid))
-        layer = DeployLayer(streams, "groups", axis)
-        record.lowered_as, record.streams = f"{q.groups} int8 streams (RORQ channel groups)", q.groups
+        tiers = len(q.thresholds)
+        for scale, zero_point in zip(q.slice_scale.tolist(), q.slice_zero_point.tolist()):
+            streams.append(stream(weight, None, _container(scale, zero_point, q.qmin, q.qmax, q.bits)))
+        layer = DeployLayer(streams, "groups", axis, q.groups, tuple(q.thresholds.tolist()))
+        record.lowered_as = f"{q.groups} int8 streams (RORQ channel groups)"
+        if tiers:
+            record.lowered_as = f"{q.groups} + {tiers} int8 streams (RORQ channel groups + magnitude tier slices)"
+        record.streams = q.groups + tiers
     elif isinstance(q, TierQuantizer):
         raise LoweringError(
             f"{info.name} uses element-wise RORQ tiers, which pick a grid per element and have no exact lowering to "

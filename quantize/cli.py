@@ -245,8 +245,16 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "--text-groups",
         type=int,
         default=None,
-        help="RORQ channel groups per text Linear input for ptq4ris-deploy (each is one int8 GEMM once deployed; "
-        "1 is a single uniform grid) (default: the method's: 8 at A8, 96 below)",
+        help="RORQ channel groups per text Linear input for ptq4ris-deploy (each is one int8 GEMM once deployed) "
+        "(default: 8)",
+    )
+    p.add_argument(
+        "--text-tiers",
+        type=int,
+        default=None,
+        help="ptq4ris-deploy: at most this many RORQ magnitude tiers per text Linear input; beyond the first, each "
+        "tier is a residual slice on its own grid, one more int8 GEMM once deployed; 1: channel groups only "
+        "(default: 1 at A8, 10 below)",
     )
     p.add_argument(
         "--pwam-groups",
@@ -301,6 +309,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         overrides["text_groups"] = args.text_groups
     if args.pwam_groups is not None:
         overrides["pwam_groups"] = args.pwam_groups
+    if args.text_tiers is not None:
+        overrides["text_tiers"] = args.text_tiers
     recipe = make_recipe(args.method, args.bits, **overrides)
     if args.objective and recipe.search != "none":
         recipe = make_recipe(args.method, args.bits, **overrides, search=args.objective)

@@ -32,11 +32,26 @@ ROWS: list[tuple[str, str, dict, str]] = [
     ("rorq-only", "rorq-only", {}, "RORQ only (no DRQ)"),
     ("ptq4ris-pwam-plain", "ptq4ris", {"pwam": "plain"}, "PTQ4RIS, PWAM without channel groups"),
     ("ptq4ris-drq-a4", "ptq4ris", {"drq_min_bits": 3}, "PTQ4RIS tiers with DRQ kept at A4 (3-bit regions)"),
-    ("ptq4ris-deploy-uniform-a4", "ptq4ris-deploy", {"drq_min_bits": 5}, "PTQ4RIS groups without DRQ at A4"),
+    (
+        "ptq4ris-deploy-drq-a4",
+        "ptq4ris-deploy",
+        {"drq_min_bits": 3},
+        "PTQ4RIS groups and tier slices with DRQ kept at A4",
+    ),
+    (
+        "ptq4ris-deploy-96-groups",
+        "ptq4ris-deploy",
+        {"text_groups": 96, "text_tiers": 1, "drq_min_bits": 3},
+        "PTQ4RIS deployable, 96 text groups without tier slices (DRQ at A4)",
+    ),
 ]
 
 # Rows that differ from their preset at some bit settings only; elsewhere the cell would repeat the preset's.
-ROW_BITS: dict[str, tuple[str, ...]] = {"ptq4ris-drq-a4": ("w4a4",), "ptq4ris-deploy-uniform-a4": ("w4a4",)}
+ROW_BITS: dict[str, tuple[str, ...]] = {
+    "ptq4ris-drq-a4": ("w4a4",),
+    "ptq4ris-deploy-drq-a4": ("w4a4",),
+    "ptq4ris-deploy-96-groups": ("w4a4",),
+}
 
 # The paper's LAVT numbers on RefCOCO val (mIoU / oIoU), from its README.
 PAPER = {

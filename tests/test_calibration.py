@@ -142,17 +142,20 @@ def test_drq_only_from_its_minimum_bits():
     assert make_recipe("ptq4ris", "w8a8").softmax_drq and make_recipe("ptq4ris", "w6a6").gelu_drq
     w4a4 = make_recipe("ptq4ris", "w4a4")
     assert not w4a4.softmax_drq and not w4a4.gelu_drq
-    assert make_recipe("drq-only", "w4a4").softmax_drq and make_recipe("ptq4ris-deploy", "w4a4").gelu_drq
+    assert make_recipe("drq-only", "w4a4").softmax_drq and not make_recipe("ptq4ris-deploy", "w4a4").gelu_drq
     assert not make_recipe("rorq-only", "w8a8").softmax_drq
 
 
-def test_text_groups_follow_the_activation_bits():
-    assert make_recipe("ptq4ris-deploy", "w8a8").text_group_count == 8
-    assert make_recipe("ptq4ris-deploy", "w4a8").text_group_count == 8
-    assert make_recipe("ptq4ris-deploy", "w4a4").text_group_count == 96
+def test_text_tier_slices_follow_the_activation_bits():
+    for bits, tiers in (("w8a8", 1), ("w4a8", 1), ("w6a6", 10), ("w4a4", 10)):
+        recipe = make_recipe("ptq4ris-deploy", bits)
+        assert (recipe.text_group_count, recipe.text_tier_count) == (8, tiers), bits
     assert make_recipe("ptq4ris-deploy", "w8a8", text_groups=32).text_group_count == 32
+    assert make_recipe("ptq4ris-deploy", "w4a4", text_tiers=1).text_tier_count == 1
     with pytest.raises(ValueError, match="text_groups"):
         make_recipe("ptq4ris-deploy", "w8a8", text_groups=-1)
+    with pytest.raises(ValueError, match="text_tiers"):
+        make_recipe("ptq4ris-deploy", "w8a8", text_tiers=11)
 
 
 def _quantizer_kinds(recipe):
@@ -228,7 +231,7 @@ def _qparams(model):
 def test_channel_groups_are_sized_by_activation_bits():
     deploy8, deploy4 = make_recipe("ptq4ris-deploy", "w8a8"), make_recipe("ptq4ris-deploy", "w4a4")
     assert (deploy8.text_group_count, deploy8.pwam_group_count, deploy8.pwam_grouped) == (8, 1, False)
-    assert (deploy4.text_group_count, deploy4.pwam_group_count, deploy4.pwam_grouped) == (96, 16, True)
+    assert (deploy4.text_group_count, deploy4.pwam_group_count, deploy4.pwam_grouped) == (8, 16, True)
     assert make_recipe("ptq4ris-deploy", "w4a8").pwam_group_count == 16  # 4-bit weights: the groups pay at A8
     assert make_recipe("ptq4ris", "w8a8").pwam_group_count == 16
     assert make_recipe("ptq4ris-deploy", "w8a8", pwam_groups=4).pwam_group_count == 4
@@ -238,8 +241,9 @@ def test_channel_groups_are_sized_by_activation_bits():
 
 
 def test_calibration_is_deterministic_and_round_trips(tiny, batch, tmp_path):
-    # PWAM groups forced at A8 (the preset uses one grid there) so that their folding is covered too.
-    recipe = make_recipe("ptq4ris-deploy", "w8a8", pwam_groups=16, **FAST)
+    # PWAM groups and text tier slices forced at A8 (the preset uses neither there) so that their folding and their
+    # calibrated number of slices are covered too.
+    recipe = make_recipe("ptq4ris-deploy", "w8a8", pwam_groups=16, text_tiers=3, **FAST)
     q1, report = calibrate(tiny, recipe, batch, chunk_size=2)
     q2, _ = calibrate(tiny, recipe, batch, chunk_size=2)
     p1, p2 = _qparams(q1), _qparams(q2)
@@ -262,6 +266,8 @@ def test_calibration_is_deterministic_and_round_trips(tiny, batch, tmp_path):
         assert torch.equal(loaded(batch.images, batch.input_ids, batch.attention_mask), q_logits)
     readable = json.loads((out / "qparams.json").read_text())
     assert readable["backbone.layers.0.blocks.0.attn.core.pv"]["a_quantizer"]["kind"] == "drq_softmax"
+    text = readable["text_encoder.encoder.layer.0.attention.self.query"]["input_quantizer"]
+    assert text["max_tiers"] == 3 and text["slices"] in (1, 2), text
 
 
 def test_calibration_searched_beats_minmax_at_w4a4(tiny, batch):

@@ -20,6 +20,7 @@ from quantize.calibration.primitives import (
     search_drq_softmax,
 )
 from quantize.calibration.primitives.drq import GELU_MIN
+from quantize.calibration.quantizers import GroupQuantizer
 
 
 def mse(a, b):
@@ -174,3 +175,46 @@ def test_channel_groups_sort_outlier_channels_last_and_beat_per_tensor(minilm_ac
     assert mse(xq, x) < 0.5 * mse(fake_quantize(x, scale, zp, spec.qmin, spec.qmax), x)
     with pytest.raises(ValueError, match="equal groups"):
         calibrate_channel_groups(x, 8, 5)
+
+
+def test_tier_slices_exact_grid_values():
+    """Bulk on its channel-group grids, the slice beyond ±t on its own: values worked out by hand."""
+    q = GroupQuantizer(4, channels=4, groups=2, axis=-1, max_tiers=2)
+    q.set_thresholds((1.0,))
+    q.scale.fill_(0.25), q.zero_point.fill_(8)  # bulk grid [-2, 1.75]
+    q.slice_scale.fill_(0.5), q.slice_zero_point.fill_(8)  # slice grid [-4, 3.5]
+    x = torch.tensor([[0.6, -0.3, 3.3, -5.2]])
+    bulk, beyond = q.split(x)
+    assert bulk.tolist() == [[0.6000000238418579, -0.30000001192092896, 1.0, -1.0]]
+    torch.testing.assert_close(beyond, torch.tensor([[0.0, 0.0, 2.3, -4.2]]))
+    # 0.6 → 0.5 and −0.3 → −0.25 on the bulk grid; the slices 2.3 → 2.5 and −4.2 → −4 (clipped at the grid's end).
+    torch.testing.assert_close(q.fake_quant(x), torch.tensor([[0.5, -0.25, 3.5, -5.0]]))
+    with pytest.raises(ValueError, match="at most 1 ascending"):
+        q.set_thresholds((1.0, 2.0))
+
+
+def test_tier_slices_sum_to_the_input_and_beat_more_groups(minilm_activations):
+    """On real LayerNorm outputs at 4 bits: the parts add up to the input, slices vanish below their threshold, and 4
+    groups with tier slices (a handful of GEMMs) beat 96 groups without."""
+    from quantize.calibration.recipe import make_recipe
+    from quantize.calibration.search import init_activation
+
+    x = minilm_activations["ln"]
+    order = torch.argsort(x.abs().amax(0))
+    x = x[:, order]  # the range-sorting permutation calibration folds into the weights
+    extremes = torch.stack([x.amin(0), x.amax(0)])
+    recipe = make_recipe("ptq4ris-deploy", "w4a4")
+
+    def calibrated(groups, tiers):
+        q = GroupQuantizer(4, x.shape[1], groups, axis=-1, max_tiers=tiers)
+        init_activation(q, extremes, float(x.min()), float(x.max()), recipe, sample=x)
+        return q
+
+    tiered, many = calibrated(4, 10), calibrated(96, 1)
+    assert 1 <= len(tiered.thresholds) <= 9 and len(many.thresholds) == 0
+    parts = tiered.split(x)
+    torch.testing.assert_close(sum(parts), x, rtol=0, atol=1e-6)
+    for t, part in zip(tiered.thresholds, parts[1:]):
+        assert bool((part[x.abs() <= t] == 0).all())
+    assert mse(tiered.fake_quant(x), x) < 0.7 * mse(many.fake_quant(x), x)
+    assert mse(tiered.fake_quant(x), x) < 0.5 * mse(calibrated(4, 1).fake_quant(x), x)

@@ -47,7 +47,7 @@ def _readable_qparams(model: nn.Module) -> dict[str, Any]:
         for slot, q in quantizers_of(site).items():
             entry = q.spec()
             for name, buf in q.named_buffers():
-                entry[name] = buf.detach().cpu().reshape(-1).tolist() if buf.numel() > 1 else buf.item()
+                entry[name] = buf.detach().cpu().reshape(-1).tolist() if buf.numel() != 1 else buf.item()
             slots[slot] = entry
         out[site.info.name] = {"op": site.info.op, "modality": site.info.modality, "role": site.info.role, **slots}
     return out

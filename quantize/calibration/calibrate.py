@@ -314,12 +314,12 @@ def _init_activations(model, sites, recipe, batch, chunk, device) -> dict[str, l
                 init_activation(site.b_quantizer, data.get("b", torch.zeros(1)), b_lo, b_hi, recipe)
             else:
                 lo, hi = recorder.ranges[name]
-                x = data.get("x", torch.zeros(1, site.weight.shape[1]))
+                x = sample = data.get("x", torch.zeros(1, site.weight.shape[1]))
                 if name in recorder.channel_ranges:
                     # The two rows of per-channel extremes give each group the min-max of all data.
                     x = torch.stack(recorder.channel_ranges[name])
                 # Recorded rows put channels last; a GroupQuantizer's own axis applies to the model's tensors.
-                init_activation(site.input_quantizer, x, lo, hi, recipe, axis=-1)
+                init_activation(site.input_quantizer, x, lo, hi, recipe, axis=-1, sample=sample)
     return recorder.ranges
 
 
@@ -358,7 +358,7 @@ def _search_block(block, recorder: _Recorder, ranges, recipe: Recipe) -> None:
                     init_activation(site.input_quantizer, x, *ranges[name], recipe, axis=-1)
                 elif isinstance(site.input_quantizer, GroupQuantizer):
                     extremes = torch.stack(recorder.channel_ranges[name])
-                    init_activation(site.input_quantizer, extremes, *ranges[name], recipe, axis=-1)
+                    init_activation(site.input_quantizer, extremes, *ranges[name], recipe, axis=-1, sample=x)
                 w = site.weight.reshape(site.weight.shape[0], -1)
                 cap = LinearCapture(x, grad, w, site.bias, *ranges[name])
                 search_linear(cap, site.input_quantizer, site.weight_quantizer, site_recipe, _weight_blocks(site))

@@ -194,7 +194,7 @@ def _activation_quantizer(info: SiteInfo, recipe: Recipe, channels: int) -> Fake
     if info.role == "text" and recipe.text == "tiers":
         return TierQuantizer(bits)
     if info.role == "text" and recipe.text == "groups":
-        return GroupQuantizer(bits, channels, recipe.text_group_count, axis=-1)
+        return GroupQuantizer(bits, channels, recipe.text_group_count, axis=-1, max_tiers=recipe.text_tier_count)
     if info.role in ("text_features", "pwam_product") and recipe.pwam_grouped:
         return GroupQuantizer(bits, channels, recipe.pwam_group_count, axis=1)
     return UniformQuantizer(bits, recipe.act_symmetric)

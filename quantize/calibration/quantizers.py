@@ -166,34 +166,75 @@ class TierQuantizer(FakeQuantizer):
 
 
 class GroupQuantizer(FakeQuantizer):
-    """Deployable RORQ: contiguous channel groups along ``axis``, one asymmetric grid each. The channels were put in
-    range order beforehand by a permutation folded into the weights, so outlier channels share groups."""
+    """Deployable RORQ: contiguous channel groups along ``axis``, one asymmetric grid each, and optionally magnitude
+    tiers as residual slices. The channels were put in range order beforehand by a permutation folded into the
+    weights, so outlier channels share groups.
+
+    With tiers (thresholds t_1 < … < t_k on |x|, found by calibration), the input is split exactly into the bulk
+    ``clamp(x, −t_1, t_1)``, quantized by channel groups, and the slices ``clamp(x, ±t_{i+1}) − clamp(x, ±t_i)`` (the
+    last one ``x − clamp(x, ±t_k)``), each on its own grid. The slices are zero wherever |x| is below their threshold,
+    so outliers keep their own fine grids as with element-wise tiers, and since the Linear after it is linear, every
+    slice is one more int8 stream through the same weight.
+    """
 
     kind = "rorq_groups"
 
-    def __init__(self, bits: int, channels: int, groups: int, axis: int) -> None:
+    def __init__(self, bits: int, channels: int, groups: int, axis: int, max_tiers: int = 1, slices: int = 0) -> None:
         super().__init__(bits)
         if groups <= 0 or channels % groups:
             raise ValueError(f"{channels} channels cannot be split into {groups} equal groups")
-        self.channels, self.groups, self.axis = channels, groups, axis
+        if max_tiers < 1 or not 0 <= slices < max_tiers:
+            raise ValueError(f"need max_tiers >= 1 and 0 <= slices < max_tiers, got {max_tiers}, {slices}")
+        self.channels, self.groups, self.axis, self.max_tiers = channels, groups, axis, max_tiers
         self.qmin, self.qmax = qrange(bits, symmetric=False)
         self.register_buffer("scale", torch.ones(groups))
         self.register_buffer("zero_point", torch.zeros(groups))
+        self.register_buffer("thresholds", torch.zeros(slices))
+        self.register_buffer("slice_scale", torch.ones(slices))
+        self.register_buffer("slice_zero_point", torch.zeros(slices))
+
+    def set_thresholds(self, thresholds: tuple[float, ...]) -> None:
+        """Replace the tier thresholds (ascending, at most ``max_tiers − 1``); slice grids are reset to placeholders."""
+        if len(thresholds) >= self.max_tiers or list(thresholds) != sorted(thresholds):
+            raise ValueError(f"need at most {self.max_tiers - 1} ascending thresholds, got {thresholds}")
+        device = self.scale.device
+        self.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=device)
+        self.slice_scale = torch.ones(len(thresholds), device=device)
+        self.slice_zero_point = torch.zeros(len(thresholds), device=device)
 
     def per_channel(self, t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
         shape = [1] * ndim
         shape[axis] = self.channels
         return t.repeat_interleave(self.channels // self.groups).reshape(shape)
 
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[bulk, slice_1, …, slice_k]: the parts the streams quantize; they sum to ``x`` exactly."""
+        t = self.thresholds.tolist()
+        if not t:
+            return [x]
+        parts = [x.clamp(-t[0], t[0])]
+        prev = parts[0]
+        for i in range(len(t)):
+            cur = x.clamp(-t[i + 1], t[i + 1]) if i + 1 < len(t) else x
+            parts.append(cur - prev)
+            prev = cur
+        return parts
+
     def fake_quant(self, x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
         axis = self.axis if axis is None else axis
+        bulk, *slices = self.split(x)
         scale = self.per_channel(self.scale, x.dim(), axis)
         zp = self.per_channel(self.zero_point, x.dim(), axis)
-        q = torch.clamp(torch.round(x / scale) + zp, self.qmin, self.qmax)
-        return (q - zp) * scale
+        out = (torch.clamp(torch.round(bulk / scale) + zp, self.qmin, self.qmax) - zp) * scale
+        for s, scale, zp in zip(slices, self.slice_scale, self.slice_zero_point):
+            out = out + (torch.clamp(torch.round(s / scale) + zp, self.qmin, self.qmax) - zp) * scale
+        return out
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "channels": self.channels, "groups": self.groups, "axis": self.axis}
+        spec = {**super().spec(), "channels": self.channels, "groups": self.groups, "axis": self.axis}
+        if self.max_tiers > 1:
+            spec |= {"max_tiers": self.max_tiers, "slices": int(self.thresholds.numel())}
+        return spec
 
 
 def quantizer_from_spec(spec: dict[str, Any]) -> FakeQuantizer:
@@ -208,5 +249,12 @@ def quantizer_from_spec(spec: dict[str, Any]) -> FakeQuantizer:
     if kind == "rorq_tiers":
         return TierQuantizer(bits, int(spec["tiers"]))
     if kind == "rorq_groups":
-        return GroupQuantizer(bits, int(spec["channels"]), int(spec["groups"]), int(spec["axis"]))
+        return GroupQuantizer(
+            bits,
+            int(spec["channels"]),
+            int(spec["groups"]),
+            int(spec["axis"]),
+            int(spec.get("max_tiers", 1)),
+            int(spec.get("slices", 0)),
+        )
     raise ValueError(f"unknown quantizer kind {kind!r}")

@@ -40,10 +40,14 @@ class Recipe:
         gelu: post-GELU inputs (Swin fc2, PWAM language gate): uniform grid or DRQ.
         text: inputs of the text encoder's Linears: uniform, element-wise RORQ tiers, or RORQ channel groups
             (permutation folded into the weights).
-        text_groups: channel groups per text Linear input with ``text="groups"``; 0 picks by activation bits:
-            8 at A8, 96 below. Each group is one int8 GEMM once deployed, and at A8 eight groups lose nothing that
-            matters (lavt-tiny W8A8: 97.10 vs 97.13 mIoU with 96) while 96 cost 12x the GEMMs and export time;
-            at A4 eight groups collapse (70.13 vs 90.25).
+        text_groups: channel groups per text Linear input with ``text="groups"``; 0 picks 8. Each group is one
+            int8 GEMM once deployed; at A8 eight groups lose nothing that matters (lavt-tiny W8A8: 97.10 vs 97.13
+            mIoU with 96) while 96 cost 12x the GEMMs and export time.
+        text_tiers: with ``text="groups"``, at most this many magnitude tiers (the 3σ rule of element-wise RORQ):
+            the groups quantize the input clamped to the first threshold and every further tier is a residual
+            slice with its own grid, one more int8 stream through the same weight. 0 picks by activation bits: 1
+            (groups only) at A8, 10 below, where groups alone collapse (lavt-tiny W4A4: 8 groups 70.13, 96 groups
+            90.25, 8 groups with tier slices 91.89 mIoU, element-wise tiers 91.69).
         pwam: PWAM's element-wise product (input of ``project_mm``) and its text-feature inputs: one grid
             (``plain``) or range-ordered channel groups (``groups``, permutation folded).
         pwam_groups: channel groups with ``pwam="groups"``; 0 picks by bits: one grid (as ``plain``) at W8A8, 16
@@ -77,6 +81,7 @@ class Recipe:
     gelu: str = "drq"
     text: str = "tiers"
     text_groups: int = 0
+    text_tiers: int = 0
     pwam: str = "groups"
     pwam_groups: int = 16
     search: str = "hessian"
@@ -104,6 +109,8 @@ class Recipe:
             raise ValueError(
                 f"drq_min_bits must be at least 3 (DRQ spends b−1 bits per region), got {self.drq_min_bits}"
             )
+        if self.text_tiers < 0 or self.text_tiers > 10:
+            raise ValueError(f"text_tiers must be in 0..10 (0: by bits), got {self.text_tiers}")
         if self.text_groups < 0 or self.pwam_groups < 0:
             raise ValueError(
                 f"text_groups and pwam_groups must be >= 0 (0: by bits), got {self.text_groups}, {self.pwam_groups}"
@@ -116,9 +123,14 @@ class Recipe:
     @property
     def text_group_count(self) -> int:
         """The channel groups per text Linear input this recipe uses (``text_groups``, or its by-bits default)."""
-        if self.text_groups:
-            return self.text_groups
-        return 8 if self.act_bits == 8 else 96
+        return self.text_groups or 8
+
+    @property
+    def text_tier_count(self) -> int:
+        """At most this many magnitude tiers per text Linear input with ``text="groups"`` (1: channel groups only)."""
+        if self.text_tiers:
+            return self.text_tiers
+        return 1 if self.act_bits == 8 else 10
 
     @property
     def pwam_group_count(self) -> int:
@@ -194,9 +206,8 @@ METHODS: dict[str, Recipe] = {
     ),
     # PTQ4RIS as the paper's code reads (element-wise RORQ tiers), and its deployable form (channel groups).
     "ptq4ris": _PTQ4RIS,
-    # With honest 4-bit channel groups in the text encoder, DRQ still pays at A4 (measured: 90.25 vs 87.53 mIoU).
-    # Text and PWAM channel groups are sized by activation bits: each group is one int8 GEMM once deployed.
-    "ptq4ris-deploy": replace(_PTQ4RIS, method="ptq4ris-deploy", text="groups", pwam_groups=0, drq_min_bits=3),
+    # Text tier slices and PWAM channel groups are sized by bits: each group or slice is one int8 GEMM once deployed.
+    "ptq4ris-deploy": replace(_PTQ4RIS, method="ptq4ris-deploy", text="groups", pwam_groups=0),
     # Ablations.
     # DRQ at every bit setting, so the ablation shows what DRQ alone does at A4 too.
     "drq-only": replace(_PTQ4RIS, method="drq-only", text="uniform", drq_min_bits=3),
@@ -210,8 +221,8 @@ METHOD_HELP = {
     "ptq4vit": "twin-uniform softmax/GELU, per-tensor symmetric grids, Hessian-guided search",
     "ptq4ris": "PTQ4RIS: DRQ (from A5 up) + element-wise RORQ tiers (the paper's code), PWAM channel groups, "
     "Hessian search",
-    "ptq4ris-deploy": "PTQ4RIS with RORQ as range-ordered channel groups folded into the weights, DRQ at every "
-    "bit setting (deployable)",
+    "ptq4ris-deploy": "PTQ4RIS with RORQ as range-ordered channel groups folded into the weights, plus magnitude "
+    "tier slices below A8, each an int8 stream (deployable)",
     "drq-only": "ablation: PTQ4RIS without RORQ (DRQ at every bit setting, A4 included)",
     "rorq-only": "ablation: PTQ4RIS without DRQ",
 }

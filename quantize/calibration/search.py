@@ -163,9 +163,12 @@ def _act_candidates(q: FakeQuantizer, x: torch.Tensor, lo: float, hi: float, rec
     raise TypeError(f"{type(q).__name__} has no searched parameters")
 
 
-def init_activation(q: FakeQuantizer, x: torch.Tensor, lo: float, hi: float, recipe, axis: int = -1) -> None:
+def init_activation(
+    q: FakeQuantizer, x: torch.Tensor, lo: float, hi: float, recipe, axis: int = -1, sample: torch.Tensor | None = None
+) -> None:
     """First parameters of an activation quantizer from calibration data (min-max or percentile ranges, DRQ
-    defaults, RORQ tiers/groups from ``x``)."""
+    defaults, RORQ tiers/groups from ``x``). For channel groups ``x`` may be the per-channel extremes over all data;
+    their magnitude tiers, a tail statistic, are then found on the rows ``sample``."""
     if isinstance(q, UniformQuantizer):
         if recipe.act_init == "percentile":
             flat = x.flatten().float()
@@ -187,14 +190,30 @@ def init_activation(q: FakeQuantizer, x: torch.Tensor, lo: float, hi: float, rec
     elif isinstance(q, GroupQuantizer):
         # Channels were put in range order beforehand (a folded permutation): groups are contiguous blocks.
         rows = x.movedim(axis, -1).reshape(-1, q.channels)
+        if q.max_tiers > 1:
+            q.set_thresholds(calibrate_tiers(rows if sample is None else sample, q.bits, q.max_tiers).thresholds)
+        lo, hi = min(lo, float(rows.min())), max(hi, float(rows.max()))
+        bulk, *_ = q.split(rows)
         size = q.channels // q.groups
-        blocks = rows.reshape(-1, q.groups, size).transpose(0, 1).reshape(q.groups, -1)
-        lo_g, hi_g = blocks.amin(1).clamp(max=0), blocks.amax(1).clamp(min=0)
-        scale = ((hi_g - lo_g) / (q.qmax - q.qmin)).clamp(min=1e-8)
-        q.scale.copy_(scale)
-        q.zero_point.copy_((q.qmin - torch.round(lo_g / scale)).clamp(q.qmin, q.qmax))
+        blocks = bulk.reshape(-1, q.groups, size).transpose(0, 1).reshape(q.groups, -1)
+        for buffer, value in zip((q.scale, q.zero_point), _asymmetric_grids(blocks.amin(1), blocks.amax(1), q)):
+            buffer.copy_(value)
+        # A slice's extremes are those of the whole input, clamped between its two thresholds.
+        t = [*q.thresholds.tolist(), float("inf")]
+        s_lo = q.slice_scale.new_tensor([min(0.0, max(lo, -t[i + 1]) + t[i]) for i in range(len(t) - 1)])
+        s_hi = q.slice_scale.new_tensor([max(0.0, min(hi, t[i + 1]) - t[i]) for i in range(len(t) - 1)])
+        for buffer, value in zip((q.slice_scale, q.slice_zero_point), _asymmetric_grids(s_lo, s_hi, q)):
+            buffer.copy_(value)
     else:
         raise TypeError(f"cannot initialise {type(q).__name__}")
+
+
+def _asymmetric_grids(lo: torch.Tensor, hi: torch.Tensor, q: GroupQuantizer):
+    """(scale, zero point) of ``q``'s min-max grids over [lo, hi] widened to hold 0 (so that 0 is exact)."""
+    qmin, qmax = q.qmin, q.qmax
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-8)
+    return scale, (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
 
 
 def _weight_delta0(w: torch.Tensor, q: UniformQuantizer, per_channel: bool, blocks: int) -> torch.Tensor:
