@@ -17,7 +17,7 @@ from torch import nn
 from quantize.calibration.placement import quantized_sites
 from quantize.calibration.quantizers import DrqGeluQuantizer, DrqSoftmaxQuantizer, GroupQuantizer
 
-__all__ = ["ActivationSample", "activation_figures", "capture_activations", "png_bytes"]
+__all__ = ["ActivationSample", "activation_figures", "capture_activations", "png_bytes", "text_streams_label"]
 
 
 def _plt():
@@ -152,6 +152,12 @@ def _gelu_figure(sample: ActivationSample) -> tuple[bytes, dict]:
     return _histogram_png(fig, ax, "post-GELU value", title), stats
 
 
+def text_streams_label(stats: dict) -> str:
+    """'8 channel groups' or '8 channel groups + 2 tier slices': the int8 streams of a text input."""
+    slices = stats.get("tier_slices", 0)
+    return f"{stats['groups']} channel groups" + (f" + {slices} tier slices" if slices else "")
+
+
 def _channels_figure(sample: ActivationSample) -> tuple[bytes, dict]:
     plt = _plt()
     q: GroupQuantizer = sample.quantizer
@@ -164,6 +170,7 @@ def _channels_figure(sample: ActivationSample) -> tuple[bytes, dict]:
         "bits": q.bits,
         "channels": q.channels,
         "groups": q.groups,
+        "tier_slices": int(q.thresholds.numel()),
         "widest_to_median_channel": float(peak.max() / max(np.median(peak), 1e-12)),
         "mse_uniform": _mse(naive, x),
         "mse_groups": _mse(grouped, x),
@@ -177,7 +184,7 @@ def _channels_figure(sample: ActivationSample) -> tuple[bytes, dict]:
     ax.set_xlabel("input channel (range order, folded into the weights)")
     ax.set_ylabel("max |activation|")
     ax.set_title(
-        f"text-encoder input, {sample.layer}\n{q.groups} channel groups: MSE {stats['mse_groups']:.2e}; "
+        f"text-encoder input, {sample.layer}\n{text_streams_label(stats)}: MSE {stats['mse_groups']:.2e}; "
         f"one grid: {stats['mse_uniform']:.2e}",
         fontsize=9,
     )

@@ -16,6 +16,8 @@ from typing import Any
 
 from quantize.atomic import write_atomic
 
+from .figures import text_streams_label
+
 __all__ = ["accuracy_rows", "render_html", "write_report"]
 
 PRECISIONS = ("Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9")
@@ -353,6 +355,15 @@ def _sensitivity(report: dict, images: dict[str, bytes]) -> str:
     )
 
 
+def _special_grids(act_bits: int) -> str:
+    """What the ptq4ris-deploy preset does beyond plain grids at these activation bits (DRQ from A5 up, tier slices
+    below A8)."""
+    rorq = "range-ordered channel groups (RORQ)" + (" with magnitude tier slices" if act_bits < 8 else "")
+    if act_bits >= 5:
+        return f"dual-region grids (DRQ) after softmax and GELU and {rorq} on text-encoder inputs"
+    return f"{rorq} on text-encoder inputs"
+
+
 _ACTIVATION_TEXT = {
     "post_softmax": lambda s: (
         f"Attention probabilities ({s['bits']} bits): one uniform grid rounds {s['zeroed_by_uniform_%']:.1f}% of the "
@@ -366,7 +377,8 @@ _ACTIVATION_TEXT = {
     ),
     "text_channels": lambda s: (
         f"Text-encoder Linear input ({s['bits']} bits): the widest channel spans {s['widest_to_median_channel']:.0f}× "
-        f"the median one; {s['groups']} range-ordered channel groups (each one int8 GEMM once deployed) cut the MSE "
+        f"the median one; {text_streams_label(s)} (range-ordered channels; magnitude tiers beyond the first threshold; each "
+        "one int8 GEMM once deployed) cut the MSE "
         f"from {s['mse_uniform']:.2e} to {s['mse_groups']:.2e}. Better at {s['better_at']} of {s['sites']} text inputs."
     ),
 }
@@ -416,7 +428,7 @@ def render_html(report: dict, images: dict[str, bytes], gallery) -> str:
             f"{r['quantized_layers']} layers — every Linear and Conv of the vision, text, fusion and decoder parts and the "
             f"attention matmuls — calibrated on {cal.get('pairs', '?')} {html.escape(str(cal.get('dataset', '')))} "
             f"{html.escape(str(cal.get('split', '')))} pairs. Weights are {wbits}-bit per output channel; activations {abits}-bit, with "
-            "dual-region grids (DRQ) after softmax and GELU and range-ordered channel groups (RORQ) on text-encoder inputs. "
+            f"{_special_grids(int(abits))}. "
             "The same calibrated graph became an Android <code>.pte</code> (ExecuTorch, XNNPACK) and an iPhone "
             "<code>.mlpackage</code> (Core ML).</p>"
         ),

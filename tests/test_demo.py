@@ -67,7 +67,10 @@ def test_demo_writes_phone_files_and_a_report(demo_run):
         assert "make system-tools" in arm["skipped"]
     assert 0.1 < report["sizes"]["pte_ratio"] < 0.5
     assert report["latency"]["threads=1"]["int8_ms"] > 0
-    assert set(report["activations"]) >= {"post_softmax-w4a4", "post_gelu-w4a4", "text_channels-w4a4"}
+    # DRQ from A5 up; below A8 the text inputs get magnitude tier slices besides their channel groups.
+    assert set(report["activations"]) >= {"post_softmax-w8a8", "post_gelu-w8a8", "text_channels-w8a8"}
+    assert report["activations"]["text_channels-w4a4"]["tier_slices"] >= 1
+    assert report["activations"]["text_channels-w8a8"]["tier_slices"] == 0
     assert len(report["gallery"]) >= 3 and len(report["gallery"][0]["cells"]) == 5
     assert set(report["sensitivity"]["modalities"]) == {"vision", "text", "fusion", "decoder"}
 

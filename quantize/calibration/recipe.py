@@ -65,7 +65,8 @@ class Recipe:
         gelu_pow2: DRQ post-GELU positive step restricted to 2^k times the negative step.
         drq_min_bits: DRQ is used only from this many activation bits on; below, softmax/GELU get the searched
             uniform grid. DRQ spends b−1 bits per region; whether three-bit regions pay at A4 depends on the rest
-            of the recipe (lavt-tiny W4A4: −1.6 mIoU with RORQ tiers, +2.7 with channel groups; docs/results.md).
+            of the recipe (lavt-tiny W4A4: −1.6 mIoU with element-wise RORQ tiers, +0.07 with deployable tier
+            slices, +2.7 with 96 channel groups alone; docs/results.md), so both presets start at A5.
         keep_final_conv_float: the decoder's 2-class ``conv1_1`` stays float, as in the paper.
         seed: sampling seed.
     """
