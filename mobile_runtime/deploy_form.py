@@ -6,8 +6,8 @@ have: DRQ's two regions, RORQ's channel groups. Each has an exact equivalent bui
 - uniform input grid: one stream, ``op(x, ŵ)`` with the input on that grid;
 - RORQ channel groups (the permutation already folded into the weights): one stream per contiguous group,
   ``Σ_g op(x[g], ŵ[:, g])``, each group on its own grid; with magnitude tiers the groups take the bulk
-  ``clamp(x, ±t_1)`` and every tier slice ``clamp(x, ±t_{i+1}) − clamp(x, ±t_i)`` is one more stream through the whole
-  weight (the same int8 tensor, stored once);
+  ``clamp(x, ±t_1)`` and every tier slice ``clamp(x, ±t_{i+1}) − clamp(x, ±t_i)`` is one more stream, a GEMM over the
+  channels from the first that passes t_i on (range order: the outlier channels);
 - DRQ post-GELU: Q(x) = Q_neg(min(x, 0)) + Q_pos(max(x, 0)) and ``op`` is linear, so two streams on the two regions;
 - DRQ post-softmax feeds an activation × activation matmul, which XNNPACK runs in F32 anyway: the two regions stay
   as exact float ops (floor/clamp/mul, all delegated) in front of the F32 ``bmm``;
@@ -151,15 +151,23 @@ class DeployLayer(nn.Module):
     """A quantized Linear/Conv as the sum of its streams; ``feed`` says which part of the input each stream gets.
 
     With ``feed="groups"`` the first ``groups`` streams take contiguous channel blocks of the input, clamped to
-    ±``thresholds[0]`` when there are magnitude tiers; each further stream takes one tier's slice, whole width.
+    ±``thresholds[0]`` when there are magnitude tiers; each further stream takes one tier's slice over the channels
+    from its ``starts`` entry on.
     """
 
     def __init__(
-        self, streams: list[QuantStream], feed: str, axis: int = -1, groups: int = 0, thresholds: tuple = ()
+        self,
+        streams: list[QuantStream],
+        feed: str,
+        axis: int = -1,
+        groups: int = 0,
+        thresholds: tuple = (),
+        starts: tuple = (),
     ) -> None:
         super().__init__()
         self.streams = nn.ModuleList(streams)
-        self.feed, self.axis, self.groups, self.thresholds = feed, axis, groups, tuple(thresholds)
+        self.feed, self.axis, self.groups = feed, axis, groups
+        self.thresholds, self.starts = tuple(thresholds), tuple(starts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feed == "whole":
@@ -173,11 +181,11 @@ class DeployLayer(nn.Module):
         for g, stream in enumerate(self.streams[: self.groups]):
             y = stream(bulk.narrow(self.axis, g * width, width))
             out = y if out is None else out + y
-        prev = bulk
-        for i, stream in enumerate(self.streams[self.groups :]):
-            cur = x.clamp(-t[i + 1], t[i + 1]) if i + 1 < len(t) else x
-            out = out + stream(cur - prev)
-            prev = cur
+        channels = x.shape[self.axis]
+        for i, (stream, start) in enumerate(zip(self.streams[self.groups :], self.starts)):
+            xi = x.narrow(self.axis, start, channels - start)
+            cur = xi.clamp(-t[i + 1], t[i + 1]) if i + 1 < len(t) else xi
+            out = out + stream(cur - xi.clamp(-t[i], t[i]))
         return out
 
 
@@ -288,9 +296,11 @@ def _lower_layer(site: nn.Module) -> tuple[DeployLayer, SiteLowering]:
             grid = _container(q.scale[g].item(), q.zero_point[g].item(), q.qmin, q.qmax, q.bits)
             streams.append(stream(weight.narrow(1, g * width, width), bias if g == 0 else None, grid))
         tiers = len(q.thresholds)
-        for scale, zero_point in zip(q.slice_scale.tolist(), q.slice_zero_point.tolist()):
-            streams.append(stream(weight, None, _container(scale, zero_point, q.qmin, q.qmax, q.bits)))
-        layer = DeployLayer(streams, "groups", axis, q.groups, tuple(q.thresholds.tolist()))
+        starts = q.slice_start.tolist()
+        for scale, zero_point, start in zip(q.slice_scale.tolist(), q.slice_zero_point.tolist(), starts):
+            grid = _container(scale, zero_point, q.qmin, q.qmax, q.bits)
+            streams.append(stream(weight.narrow(1, start, q.channels - start), None, grid))
+        layer = DeployLayer(streams, "groups", axis, q.groups, tuple(q.thresholds.tolist()), tuple(starts))
         record.lowered_as = f"{q.groups} int8 streams (RORQ channel groups)"
         if tiers:
             record.lowered_as = f"{q.groups} + {tiers} int8 streams (RORQ channel groups + magnitude tier slices)"

@@ -189,6 +189,10 @@ def test_tier_slices_exact_grid_values():
     torch.testing.assert_close(beyond, torch.tensor([[0.0, 0.0, 2.3, -4.2]]))
     # 0.6 → 0.5 and −0.3 → −0.25 on the bulk grid; the slices 2.3 → 2.5 and −4.2 → −4 (clipped at the grid's end).
     torch.testing.assert_close(q.fake_quant(x), torch.tensor([[0.5, -0.25, 3.5, -5.0]]))
+    # A slice starting at channel 3 leaves channel 2 to the bulk, which clips it at t = 1.
+    q.slice_start[0] = 3
+    torch.testing.assert_close(q.split(x)[1], torch.tensor([[0.0, 0.0, 0.0, -4.2]]))
+    torch.testing.assert_close(q.fake_quant(x), torch.tensor([[0.5, -0.25, 1.0, -5.0]]))
     with pytest.raises(ValueError, match="at most 1 ascending"):
         q.set_thresholds((1.0, 2.0))
 
@@ -214,7 +218,10 @@ def test_tier_slices_sum_to_the_input_and_beat_more_groups(minilm_activations):
     assert 1 <= len(tiered.thresholds) <= 9 and len(many.thresholds) == 0
     parts = tiered.split(x)
     torch.testing.assert_close(sum(parts), x, rtol=0, atol=1e-6)
-    for t, part in zip(tiered.thresholds, parts[1:]):
+    for t, start, part in zip(tiered.thresholds, tiered.slice_start, parts[1:]):
         assert bool((part[x.abs() <= t] == 0).all())
+        # The slice's stream covers only channels that reach t: a narrow GEMM over the outlier channels.
+        assert bool((x[:, :start].abs() <= t).all()) and bool((x[:, start].abs() > t).any())
+        assert start > x.shape[1] // 4
     assert mse(tiered.fake_quant(x), x) < 0.7 * mse(many.fake_quant(x), x)
     assert mse(tiered.fake_quant(x), x) < 0.5 * mse(calibrated(4, 1).fake_quant(x), x)

@@ -170,11 +170,13 @@ class GroupQuantizer(FakeQuantizer):
     tiers as residual slices. The channels were put in range order beforehand by a permutation folded into the
     weights, so outlier channels share groups.
 
-    With tiers (thresholds t_1 < … < t_k on |x|, found by calibration), the input is split exactly into the bulk
+    With tiers (thresholds t_1 < … < t_k on |x|, found by calibration), the input is split into the bulk
     ``clamp(x, −t_1, t_1)``, quantized by channel groups, and the slices ``clamp(x, ±t_{i+1}) − clamp(x, ±t_i)`` (the
     last one ``x − clamp(x, ±t_k)``), each on its own grid. The slices are zero wherever |x| is below their threshold,
     so outliers keep their own fine grids as with element-wise tiers, and since the Linear after it is linear, every
-    slice is one more int8 stream through the same weight.
+    slice is one more int8 stream through the same weight. Slice i covers only the channels from ``slice_start[i]``
+    on, the first (in range order) whose calibrated extreme passes t_i: its stream is a narrow GEMM over the outlier
+    channels, and below that channel the input is clipped at t_i like any grid clips beyond its calibrated range.
     """
 
     kind = "rorq_groups"
@@ -192,6 +194,7 @@ class GroupQuantizer(FakeQuantizer):
         self.register_buffer("thresholds", torch.zeros(slices))
         self.register_buffer("slice_scale", torch.ones(slices))
         self.register_buffer("slice_zero_point", torch.zeros(slices))
+        self.register_buffer("slice_start", torch.zeros(slices, dtype=torch.long))
 
     def set_thresholds(self, thresholds: tuple[float, ...]) -> None:
         """Replace the tier thresholds (ascending, at most ``max_tiers − 1``); slice grids are reset to placeholders."""
@@ -201,28 +204,31 @@ class GroupQuantizer(FakeQuantizer):
         self.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=device)
         self.slice_scale = torch.ones(len(thresholds), device=device)
         self.slice_zero_point = torch.zeros(len(thresholds), device=device)
+        self.slice_start = torch.zeros(len(thresholds), dtype=torch.long, device=device)
 
     def per_channel(self, t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
         shape = [1] * ndim
         shape[axis] = self.channels
         return t.repeat_interleave(self.channels // self.groups).reshape(shape)
 
-    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[bulk, slice_1, …, slice_k]: the parts the streams quantize; they sum to ``x`` exactly."""
+    def split(self, x: torch.Tensor, axis: int | None = None) -> list[torch.Tensor]:
+        """[bulk, slice_1, …, slice_k], full width (a slice is zero before its first channel): the parts the streams
+        quantize. They sum to ``x`` wherever no channel passes a threshold its slice does not cover, which holds on
+        the calibration data."""
+        axis = self.axis if axis is None else axis
         t = self.thresholds.tolist()
-        if not t:
-            return [x]
-        parts = [x.clamp(-t[0], t[0])]
-        prev = parts[0]
-        for i in range(len(t)):
+        parts = [x.clamp(-t[0], t[0]) if t else x]
+        shape = [1] * x.dim()
+        shape[axis] = self.channels
+        channel = torch.arange(self.channels, device=x.device).reshape(shape)
+        for i, start in enumerate(self.slice_start.tolist()):
             cur = x.clamp(-t[i + 1], t[i + 1]) if i + 1 < len(t) else x
-            parts.append(cur - prev)
-            prev = cur
+            parts.append((cur - x.clamp(-t[i], t[i])) * (channel >= start))
         return parts
 
     def fake_quant(self, x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
         axis = self.axis if axis is None else axis
-        bulk, *slices = self.split(x)
+        bulk, *slices = self.split(x, axis)
         scale = self.per_channel(self.scale, x.dim(), axis)
         zp = self.per_channel(self.zero_point, x.dim(), axis)
         out = (torch.clamp(torch.round(bulk / scale) + zp, self.qmin, self.qmax) - zp) * scale

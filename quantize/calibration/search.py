@@ -193,7 +193,12 @@ def init_activation(
         if q.max_tiers > 1:
             q.set_thresholds(calibrate_tiers(rows if sample is None else sample, q.bits, q.max_tiers).thresholds)
         lo, hi = min(lo, float(rows.min())), max(hi, float(rows.max()))
-        bulk, *_ = q.split(rows)
+        # Each slice starts at the first channel (range order) that passes its threshold: a narrow GEMM once deployed.
+        extreme = rows.abs().amax(0)
+        for i, t_i in enumerate(q.thresholds.tolist()):
+            passing = torch.nonzero(extreme > t_i).flatten()
+            q.slice_start[i] = int(passing[0]) if len(passing) else q.channels - 1
+        bulk, *_ = q.split(rows, -1)
         size = q.channels // q.groups
         blocks = bulk.reshape(-1, q.groups, size).transpose(0, 1).reshape(q.groups, -1)
         for buffer, value in zip((q.scale, q.zero_point), _asymmetric_grids(blocks.amin(1), blocks.amax(1), q)):
