@@ -246,7 +246,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="RORQ channel groups per text Linear input for ptq4ris-deploy (each is one int8 GEMM once deployed) "
-        "(default: 8)",
+        "(default: 2 at A8, 8 below)",
     )
     p.add_argument(
         "--text-tiers",

@@ -114,10 +114,11 @@ def render(cache: Path) -> str:
         (
             "At A4 each DRQ region has 3 bits; both PTQ4RIS presets use DRQ from A5 up (the `…DRQ kept at A4` rows "
             "are the other choice; the `drq-only` ablation keeps DRQ at every setting). `ptq4ris-deploy` gives every "
-            "text-encoder Linear input 8 range-ordered channel groups and, below A8, RORQ's magnitude tiers as "
-            "residual slices: the groups quantize the input clamped at the first 3σ threshold, each further tier is "
-            "the part beyond its threshold on its own grid. Every group and slice is one int8 GEMM once deployed "
-            "(at W4A4 a text input has 8 + 1 to 3 of them; 96 groups without slices, the earlier form, lose 1.6 mIoU)."
+            "text-encoder Linear input range-ordered channel groups (2 at A8, 8 below) and, below A8, RORQ's "
+            "magnitude tiers as residual slices: the groups quantize the input clamped at the first 3σ threshold, "
+            "each further tier is the part beyond its threshold, over the channels that reach it, on its own grid. "
+            "Every group and slice is one int8 GEMM once deployed (at W4A4 a text input has 8 + 1 to 3 of them; 96 "
+            "groups without slices, the earlier form, score 2 mIoU less)."
         ),
         "",
         "| Method | " + " | ".join(f"{b.upper()} mIoU / oIoU" for b in bits) + " | calib. s (W8A8) |",

@@ -147,9 +147,9 @@ def test_drq_only_from_its_minimum_bits():
 
 
 def test_text_tier_slices_follow_the_activation_bits():
-    for bits, tiers in (("w8a8", 1), ("w4a8", 1), ("w6a6", 10), ("w4a4", 10)):
+    for bits, groups, tiers in (("w8a8", 2, 1), ("w4a8", 2, 1), ("w6a6", 8, 10), ("w4a4", 8, 10)):
         recipe = make_recipe("ptq4ris-deploy", bits)
-        assert (recipe.text_group_count, recipe.text_tier_count) == (8, tiers), bits
+        assert (recipe.text_group_count, recipe.text_tier_count) == (groups, tiers), bits
     assert make_recipe("ptq4ris-deploy", "w8a8", text_groups=32).text_group_count == 32
     assert make_recipe("ptq4ris-deploy", "w4a4", text_tiers=1).text_tier_count == 1
     with pytest.raises(ValueError, match="text_groups"):
@@ -230,7 +230,7 @@ def _qparams(model):
 
 def test_channel_groups_are_sized_by_activation_bits():
     deploy8, deploy4 = make_recipe("ptq4ris-deploy", "w8a8"), make_recipe("ptq4ris-deploy", "w4a4")
-    assert (deploy8.text_group_count, deploy8.pwam_group_count, deploy8.pwam_grouped) == (8, 1, False)
+    assert (deploy8.text_group_count, deploy8.pwam_group_count, deploy8.pwam_grouped) == (2, 1, False)
     assert (deploy4.text_group_count, deploy4.pwam_group_count, deploy4.pwam_grouped) == (8, 16, True)
     assert make_recipe("ptq4ris-deploy", "w4a8").pwam_group_count == 16  # 4-bit weights: the groups pay at A8
     assert make_recipe("ptq4ris", "w8a8").pwam_group_count == 16

@@ -40,14 +40,15 @@ class Recipe:
         gelu: post-GELU inputs (Swin fc2, PWAM language gate): uniform grid or DRQ.
         text: inputs of the text encoder's Linears: uniform, element-wise RORQ tiers, or RORQ channel groups
             (permutation folded into the weights).
-        text_groups: channel groups per text Linear input with ``text="groups"``; 0 picks 8. Each group is one
-            int8 GEMM once deployed; at A8 eight groups lose nothing that matters (lavt-tiny W8A8: 97.10 vs 97.13
-            mIoU with 96) while 96 cost 12x the GEMMs and export time.
+        text_groups: channel groups per text Linear input with ``text="groups"``; 0 picks by activation bits: 2
+            at A8, 8 below. Each group is one int8 GEMM once deployed, and with MiniLM's 20 tokens the text encoder's
+            time is per-op overhead more than arithmetic: on lavt-tiny W8A8 two groups score 97.04 mIoU against 97.08
+            with eight (96.94 with one grid) and run the text program in about 0.6x the time of eight.
         text_tiers: with ``text="groups"``, at most this many magnitude tiers (the 3σ rule of element-wise RORQ):
             the groups quantize the input clamped to the first threshold and every further tier is a residual
-            slice with its own grid, one more int8 stream through the same weight. 0 picks by activation bits: 1
-            (groups only) at A8, 10 below, where groups alone collapse (lavt-tiny W4A4: 8 groups 70.13, 96 groups
-            90.25, 8 groups with tier slices 91.89 mIoU, element-wise tiers 91.69).
+            slice with its own grid, one more int8 stream (a GEMM over the channels that reach the slice). 0 picks
+            by activation bits: 1 (groups only) at A8, 10 below, where groups alone collapse (lavt-tiny W4A4: 8
+            groups 70.13, 96 groups 90.25, 8 groups with tier slices 92.21 mIoU, element-wise tiers 91.69).
         pwam: PWAM's element-wise product (input of ``project_mm``) and its text-feature inputs: one grid
             (``plain``) or range-ordered channel groups (``groups``, permutation folded).
         pwam_groups: channel groups with ``pwam="groups"``; 0 picks by bits: one grid (as ``plain``) at W8A8, 16
@@ -124,7 +125,7 @@ class Recipe:
     @property
     def text_group_count(self) -> int:
         """The channel groups per text Linear input this recipe uses (``text_groups``, or its by-bits default)."""
-        return self.text_groups or 8
+        return self.text_groups or (2 if self.act_bits == 8 else 8)
 
     @property
     def text_tier_count(self) -> int:
