@@ -277,6 +277,12 @@ def _lower_layer(site: nn.Module) -> tuple[DeployLayer, SiteLowering]:
     record = SiteLowering(info.name, info.op, info.modality, q.kind, "", 1, _weight_storage(info.op, wg))
 
     def stream(w, b, grid):
+        if info.op == "linear" and wg.bits == 4 and w.shape[1] % 2:
+            # Packed two to a byte, 4-bit weights of an odd input width come out wrong from XNNPACK, silently.
+            raise LoweringError(
+                f"{info.name}: a 4-bit stream of odd input width {w.shape[1]}; recalibrate with this version "
+                "(tier slices start at multiples of 8 channels, channel groups need an even width)"
+            )
         record.grids.append(grid.__dict__)
         return QuantStream(info.op, w, b, grid, declared, conv)
 

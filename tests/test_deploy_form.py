@@ -123,3 +123,14 @@ def test_weights_are_stored_on_their_grid(deployable):
         ints = stream.weight / stream.weight_grid.scale.reshape(shape)
         assert torch.allclose(ints, ints.round(), atol=1e-3)
         assert ints.round().min() >= stream.weight_grid.qmin and ints.round().max() <= stream.weight_grid.qmax
+
+
+def test_odd_width_4bit_streams_are_refused(batch):
+    """XNNPACK packs 4-bit weights two to a byte and silently miscomputes an odd input width: refused with the fix."""
+    model = _calibrated("ptq4ris-deploy", "w4a4", batch)
+    site = next(s for s in quantized_sites(model) if s.info.name.endswith("layer.0.intermediate.dense"))
+    q = site.input_quantizer
+    assert len(q.slice_start) and int(q.slice_start[0]) % 8 == 0
+    q.slice_start[0] += 1
+    with pytest.raises(LoweringError, match="odd input width"):
+        to_deploy_form(model)
