@@ -54,6 +54,10 @@ __all__ = [
 ]
 
 
+# Tier-slice streams start at a multiple of this many input channels.
+SLICE_ALIGN = 8
+
+
 class LoweringError(ValueError):
     """A calibrated model that has no exact lowering to stock integer kernels."""
 
@@ -280,8 +284,8 @@ def _lower_layer(site: nn.Module) -> tuple[DeployLayer, SiteLowering]:
         if info.op == "linear" and wg.bits == 4 and w.shape[1] % 2:
             # Packed two to a byte, 4-bit weights of an odd input width come out wrong from XNNPACK, silently.
             raise LoweringError(
-                f"{info.name}: a 4-bit stream of odd input width {w.shape[1]}; recalibrate with this version "
-                "(tier slices start at multiples of 8 channels, channel groups need an even width)"
+                f"{info.name}: a 4-bit stream of odd input width {w.shape[1]}: choose a channel-group count that "
+                "divides the channels into even widths (--text-groups, --pwam-groups)"
             )
         record.grids.append(grid.__dict__)
         return QuantStream(info.op, w, b, grid, declared, conv)
@@ -302,10 +306,15 @@ def _lower_layer(site: nn.Module) -> tuple[DeployLayer, SiteLowering]:
             grid = _container(q.scale[g].item(), q.zero_point[g].item(), q.qmin, q.qmax, q.bits)
             streams.append(stream(weight.narrow(1, g * width, width), bias if g == 0 else None, grid))
         tiers = len(q.thresholds)
-        starts = q.slice_start.tolist()
-        for scale, zero_point, start in zip(q.slice_scale.tolist(), q.slice_zero_point.tolist(), starts):
-            grid = _container(scale, zero_point, q.qmin, q.qmax, q.bits)
-            streams.append(stream(weight.narrow(1, start, q.channels - start), None, grid))
+        starts = []
+        for scale, zero_point, start in zip(q.slice_scale.tolist(), q.slice_zero_point.tolist(), q.slice_start.tolist()):
+            # The stream starts at a multiple of 8 channels (XNNPACK packs 4-bit weights two to a byte and an odd
+            # input width breaks them); weight columns before the slice's first channel are zero, as in the mask.
+            aligned = start - start % SLICE_ALIGN
+            w = weight.narrow(1, aligned, q.channels - aligned).clone()
+            w[:, : start - aligned] = 0
+            streams.append(stream(w, None, _container(scale, zero_point, q.qmin, q.qmax, q.bits)))
+            starts.append(aligned)
         layer = DeployLayer(streams, "groups", axis, q.groups, tuple(q.thresholds.tolist()), tuple(starts))
         record.lowered_as = f"{q.groups} int8 streams (RORQ channel groups)"
         if tiers:

@@ -127,10 +127,28 @@ def test_weights_are_stored_on_their_grid(deployable):
 
 def test_odd_width_4bit_streams_are_refused(batch):
     """XNNPACK packs 4-bit weights two to a byte and silently miscomputes an odd input width: refused with the fix."""
-    model = _calibrated("ptq4ris-deploy", "w4a4", batch)
-    site = next(s for s in quantized_sites(model) if s.info.name.endswith("layer.0.intermediate.dense"))
-    q = site.input_quantizer
-    assert len(q.slice_start) and int(q.slice_start[0]) % 8 == 0
-    q.slice_start[0] += 1
-    with pytest.raises(LoweringError, match="odd input width"):
+    model, _ = calibrate(
+        build_model("lavt-tiny").eval(), make_recipe("ptq4ris-deploy", "w4a4", search="none", text_groups=128), batch
+    )
+    with pytest.raises(LoweringError, match="odd input width 3"):
         to_deploy_form(model)
+
+
+@torch.no_grad()
+def test_tier_slice_streams_start_at_multiples_of_8(deployable):
+    """Slice streams are as wide as 4-bit packing needs; the columns before the slice's first channel are zero, so the
+    stream still computes the masked slice (checked against the quantizer in the test above)."""
+    deploy, _ = to_deploy_form(deployable)
+    seen, tiered = 0, False
+    for site in quantized_sites(deployable):
+        q = getattr(site, "input_quantizer", None)
+        tiered |= getattr(q, "max_tiers", 1) > 1
+        if q is None or not len(getattr(q, "thresholds", ())):
+            continue
+        layer = deploy.get_submodule(site.info.name)
+        for start, aligned, stream in zip(q.slice_start.tolist(), layer.starts, layer.streams[layer.groups :]):
+            assert aligned % 8 == 0 and 0 <= start - aligned < 8
+            assert stream.weight.shape[1] == q.channels - aligned
+            assert not stream.weight[:, : start - aligned].any() and stream.weight[:, start - aligned :].any()
+            seen += 1
+    assert (seen > 0) == tiered  # slices below A8 only

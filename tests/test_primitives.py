@@ -78,7 +78,7 @@ def test_qrange_and_spec_validation():
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_symmetric_per_channel_error_is_at_most_half_a_step(bits):
-    w = torch.randn(16, 32) * torch.linspace(0.1, 5, 16)[:, None]
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.1, 5, 16)[:, None]
     spec = UniformSpec(bits, symmetric=True, axis=0)
     scale, zp = minmax_qparams(w, spec)
     assert scale.shape == (16, 1) and torch.all(zp == 0)
@@ -220,9 +220,8 @@ def test_tier_slices_sum_to_the_input_and_beat_more_groups(minilm_activations):
     torch.testing.assert_close(sum(parts), x, rtol=0, atol=1e-6)
     for t, start, part in zip(tiered.thresholds, tiered.slice_start, parts[1:]):
         assert bool((part[x.abs() <= t] == 0).all())
-        # The slice's stream covers only channels that reach t (from a multiple of 8 on, for 4-bit weight packing):
-        # a narrow GEMM over the outlier channels.
-        assert start % 8 == 0 and bool((x[:, :start].abs() <= t).all())
-        assert bool((x[:, start : start + 8].abs() > t).any()) and start > x.shape[1] // 4
+        # The slice's stream covers only channels that reach t: a narrow GEMM over the outlier channels.
+        assert bool((x[:, :start].abs() <= t).all()) and bool((x[:, start].abs() > t).any())
+        assert start > x.shape[1] // 4
     assert mse(tiered.fake_quant(x), x) < 0.7 * mse(many.fake_quant(x), x)
     assert mse(tiered.fake_quant(x), x) < 0.5 * mse(calibrated(4, 1).fake_quant(x), x)

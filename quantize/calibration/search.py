@@ -194,13 +194,10 @@ def init_activation(
             q.set_thresholds(calibrate_tiers(rows if sample is None else sample, q.bits, q.max_tiers).thresholds)
         lo, hi = min(lo, float(rows.min())), max(hi, float(rows.max()))
         # Each slice starts at the first channel (range order) that passes its threshold: a narrow GEMM once deployed.
-        # The start is rounded down to a multiple of 8: XNNPACK packs 4-bit weights two to a byte, and an odd input
-        # width breaks them (lavt-tiny W4A4: mIoU 76 instead of 92 on the .pte); the extra channels add zeros.
         extreme = rows.abs().amax(0)
         for i, t_i in enumerate(q.thresholds.tolist()):
             passing = torch.nonzero(extreme > t_i).flatten()
-            first = int(passing[0]) if len(passing) else q.channels - 1
-            q.slice_start[i] = first - first % SLICE_ALIGN
+            q.slice_start[i] = int(passing[0]) if len(passing) else q.channels - 1
         bulk, *_ = q.split(rows, -1)
         size = q.channels // q.groups
         blocks = bulk.reshape(-1, q.groups, size).transpose(0, 1).reshape(q.groups, -1)
@@ -214,9 +211,6 @@ def init_activation(
             buffer.copy_(value)
     else:
         raise TypeError(f"cannot initialise {type(q).__name__}")
-
-
-SLICE_ALIGN = 8
 
 
 def _asymmetric_grids(lo: torch.Tensor, hi: torch.Tensor, q: GroupQuantizer):
