@@ -307,7 +307,9 @@ def _lower_layer(site: nn.Module) -> tuple[DeployLayer, SiteLowering]:
             streams.append(stream(weight.narrow(1, g * width, width), bias if g == 0 else None, grid))
         tiers = len(q.thresholds)
         starts = []
-        for scale, zero_point, start in zip(q.slice_scale.tolist(), q.slice_zero_point.tolist(), q.slice_start.tolist()):
+        for scale, zero_point, start in zip(
+            q.slice_scale.tolist(), q.slice_zero_point.tolist(), q.slice_start.tolist()
+        ):
             # The stream starts at a multiple of 8 channels (XNNPACK packs 4-bit weights two to a byte and an odd
             # input width breaks them); weight columns before the slice's first channel are zero, as in the mask.
             aligned = start - start % SLICE_ALIGN
