@@ -232,8 +232,8 @@ class GroupQuantizer(FakeQuantizer):
         scale = self.per_channel(self.scale, x.dim(), axis)
         zp = self.per_channel(self.zero_point, x.dim(), axis)
         out = (torch.clamp(torch.round(bulk / scale) + zp, self.qmin, self.qmax) - zp) * scale
-        for s, scale, zp in zip(slices, self.slice_scale, self.slice_zero_point):
-            out = out + (torch.clamp(torch.round(s / scale) + zp, self.qmin, self.qmax) - zp) * scale
+        for part, s_scale, s_zp in zip(slices, self.slice_scale, self.slice_zero_point):
+            out = out + (torch.clamp(torch.round(part / s_scale) + s_zp, self.qmin, self.qmax) - s_zp) * s_scale
         return out
 
     def spec(self) -> dict[str, Any]:
