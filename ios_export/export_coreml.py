@@ -126,6 +126,7 @@ def export_artifact(
     precision: str = "fp16",
     calib_pairs: int = 32,
     output_observer: str = "histogram",
+    split_outputs: bool = True,
     log=print,
 ) -> dict:
     """Export the Core ML packages of a calibrated artifact and write the export report; returns the report.
@@ -142,6 +143,7 @@ def export_artifact(
             ``fp32``).
         calib_pairs: calibration pairs for the GEMM output ranges.
         output_observer: how GEMM output ranges are observed (``histogram`` or ``minmax``).
+        split_outputs: give the massive output channels of a GEMM their own int8 output range, as for the ``.pte``.
     """
     from mobile_runtime.export_pte import (
         STAGES,
@@ -184,7 +186,9 @@ def export_artifact(
         log(f"converting {name} package ...")
         t = time.perf_counter()
         if quantized:
-            module, _, _ = calibrated_graph(model, stage, pairs[0], pairs, output_observer, table_bits(recipe))
+            module, _, _ = calibrated_graph(
+                model, stage, pairs[0], pairs, output_observer, table_bits(recipe), split_outputs
+            )
         else:
             module = Stage(_float_copy(model), stage).eval()
         mlmodel = export_package(module, stage, pairs[0], target, precision, int4_weights=int4 and quantized)

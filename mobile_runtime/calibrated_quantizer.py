@@ -4,8 +4,9 @@ Standard PT2E quantizers observe ranges themselves; this one fixes them: every G
 :class:`~mobile_runtime.deploy_form.QuantStream` gets its input grid and per-channel weight grid from calibration,
 and every ``bmm`` of a :class:`~mobile_runtime.deploy_form.DeployMatMul` its operand grids. The only observed ranges
 are those of the GEMM outputs: XNNPACK delegates a quantized GEMM only with a quantized output, so each GEMM output
-is re-quantized to int8 with a min-max range seen on the calibration pairs (the one step the simulation does not
-have; parity measures its cost). One annotated graph serves both backends: the XNNPACK lowering and the Core ML
+is re-quantized to int8 with a range observed on the calibration pairs (the one step the simulation does not
+have; parity measures its cost, and :mod:`~mobile_runtime.output_split` gives massive output channels their own
+range). One annotated graph serves both backends: the XNNPACK lowering and the Core ML
 conversion consume the same converted program.
 """
 

@@ -26,6 +26,7 @@ from quantize.atomic import write_atomic
 from quantize.calibration.placement import set_quantization
 
 from .deploy_form import DeployMatMul, QuantStream, SiteLowering, to_deploy_form
+from .output_split import split_output_outliers
 
 __all__ = ["STAGES", "ExportResult", "Stage", "calibrated_graph", "export_program", "stage_inputs"]
 
@@ -91,11 +92,14 @@ def calibrated_graph(
     calib: list[tuple[torch.Tensor, ...]],
     output_observer: str = "histogram",
     table_bits: int = 8,
+    split_outputs: bool = True,
 ) -> tuple[torch.fx.GraphModule, list[SiteLowering], dict[str, float]]:
     """The converted PT2E graph of ``stage`` with the calibrated grids (the graph both backends lower).
 
     ``table_bits``: the word table in 8 bits (one scale per row) or 4 bits (symmetric, one scale per group of
-    :data:`TABLE_GROUP` values; the W4 settings, where the 8-bit table would be 40% of the weights)."""
+    :data:`TABLE_GROUP` values; the W4 settings, where the 8-bit table would be 40% of the weights).
+    ``split_outputs``: GEMMs whose outputs have a few massive channels put them on their own int8 output range
+    (:mod:`~mobile_runtime.output_split`)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from .calibrated_quantizer import CalibratedQuantizer
@@ -107,6 +111,8 @@ def calibrated_graph(
     if table_bits == 4:
         _quantize_table_4bit(deploy)
     program = Stage(deploy, stage).eval()
+    if split_outputs:
+        split_output_outliers(program, calib, sites)
     t = time.perf_counter()
     graph = torch.export.export(program, example).module()
     seconds["export"] = time.perf_counter() - t
@@ -173,6 +179,7 @@ def export_program(
     quantized: bool = True,
     output_observer: str = "histogram",
     table_bits: int = 8,
+    split_outputs: bool = True,
 ) -> ExportResult:
     """Lower one program of a calibrated model (or, with ``quantized=False``, of its float weights) to a ``.pte``."""
     import executorch.kernels.quantized  # noqa: F401  (out variants of the int8 embedding ops)
@@ -186,7 +193,7 @@ def export_program(
         if not calib:
             raise ValueError("a quantized program needs calibration pairs to observe its GEMM output ranges")
         module, result.sites, result.seconds = calibrated_graph(
-            calibrated, stage, example, calib, output_observer, table_bits
+            calibrated, stage, example, calib, output_observer, table_bits, split_outputs
         )
     else:
         module = Stage(_float_copy(calibrated), stage).eval()
@@ -234,6 +241,7 @@ def export_artifact(
     calib_pairs: int = 32,
     kernels: bool = True,
     output_observer: str = "histogram",
+    split_outputs: bool = True,
     log=print,
 ) -> dict:
     """Export the programs of a calibrated artifact and write the lowering report; returns the report.
@@ -247,6 +255,7 @@ def export_artifact(
         calib_pairs: calibration pairs for the output ranges (the first of the artifact's calibration set).
         kernels: run each program once with ETDump and list the XNNPACK kernels that executed.
         output_observer: how GEMM output ranges are observed (``histogram`` or ``minmax``).
+        split_outputs: give the massive output channels of a GEMM their own int8 output range.
     """
 
     from quantize.calibration.artifact import load_quantized
@@ -267,6 +276,7 @@ def export_artifact(
         "artifact": str(quantized_dir),
         "recipe": {"method": recipe.method, "bits": recipe.bits},
         "output_observer": output_observer,
+        "output_split": split_outputs,
         "programs": {},
     }
     jobs = [(stage, True) for stage in stages] + ([("full", False)] if float_program else [])
@@ -275,7 +285,7 @@ def export_artifact(
         pairs = [stage_inputs(model, stage, *pair) for pair in calib]
         log(f"exporting {name} program ...")
         result = export_program(
-            model, stage, pairs[0], pairs, quantized, output_observer, table_bits=table_bits(recipe)
+            model, stage, pairs[0], pairs, quantized, output_observer, table_bits(recipe), split_outputs
         )
         write_atomic(paths[name], result.buffer)
         found = kernel_names(result.buffer, pairs[0]) if kernels else None
@@ -289,14 +299,12 @@ def export_artifact(
 
 
 def _merge_and_write_report(paths: dict[str, Path], report: dict) -> None:
-    """Write the lowering report, keeping programs exported earlier from the same artifact (e.g. the full model
-    before the stages). Exports of the same model's programs may run side by side (``ptq4ris demo`` lowers the
+    """Write the lowering report, keeping programs exported earlier from the same artifact and settings (e.g. the
+    full model before the stages). Exports of the same model's programs may run side by side (``ptq4ris demo`` lowers the
     stages in parallel), so the read-merge-write holds an exclusive lock on the folder."""
     import fcntl
     import json
     import os
-
-    from .lowering_report import REPORT_VERSION
 
     paths["report"].parent.mkdir(parents=True, exist_ok=True)
     folder = os.open(paths["report"].parent, os.O_RDONLY)
@@ -304,7 +312,8 @@ def _merge_and_write_report(paths: dict[str, Path], report: dict) -> None:
         fcntl.flock(folder, fcntl.LOCK_EX)
         if paths["report"].is_file():
             earlier = json.loads(paths["report"].read_text())
-            if earlier.get("artifact") == report["artifact"] and earlier.get("version") == REPORT_VERSION:
+            same = ("artifact", "version", "output_observer", "output_split")
+            if all(earlier.get(k) == report[k] for k in same):
                 kept = {
                     n: p for n, p in earlier["programs"].items() if n not in report["programs"] and paths[n].is_file()
                 }

@@ -361,6 +361,12 @@ def _add_export_args(p: argparse.ArgumentParser, kind: str, suffix: str, stages:
         help="how the int8 ranges of GEMM outputs (the one step the simulation lacks) are observed "
         "(default: %(default)s)",
     )
+    p.add_argument(
+        "--no-output-split",
+        action="store_true",
+        help="keep every GEMM output on one int8 range; by default a GEMM whose output has a few massive channels "
+        "(BERT's FFN output projections) computes them in a second, narrow GEMM on a range of their own",
+    )
     p.add_argument("--no-float", action="store_true", help=f"skip the float comparison {kind}")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
@@ -396,6 +402,7 @@ def _run_export_pte(args: argparse.Namespace) -> int:
         float_program=not args.no_float,
         kernels=not args.no_kernels,
         output_observer=args.output_observer,
+        split_outputs=not args.no_output_split,
         log=log,
     )
     print(json.dumps(report) if args.json else format_report(report))
@@ -446,6 +453,7 @@ def _run_export_coreml(args: argparse.Namespace) -> int:
         target=args.target,
         precision=args.precision,
         output_observer=args.output_observer,
+        split_outputs=not args.no_output_split,
         log=log,
     )
     if args.json:
@@ -630,7 +638,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image", required=True, help="a photo (any format Pillow reads)")
     p.add_argument("--text", required=True, help="the referring expression, e.g. 'the red circle on the left'")
-    p.add_argument("--backend", default="torch", choices=["torch", "pte", "coreml-interp"], help="(default: %(default)s)")
+    p.add_argument(
+        "--backend", default="torch", choices=["torch", "pte", "coreml-interp"], help="(default: %(default)s)"
+    )
     p.add_argument("--model", default="lavt-tiny", help="torch backend: registered model (default: %(default)s)")
     p.add_argument("--checkpoint", default=None, help="torch backend: LAVT .pth or .safetensors (lavt-b needs it)")
     p.add_argument("--quantized", default=None, metavar="DIR", help="torch backend: a `ptq4ris calibrate` folder")
@@ -678,7 +688,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "`ptq4ris evaluate --quantized` and `ptq4ris segment --quantized`).",
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
-    p.add_argument("--data", default=DEFAULT_DATA_ROOT, help="where ShapesRef is written or found (default: %(default)s)")
+    p.add_argument(
+        "--data", default=DEFAULT_DATA_ROOT, help="where ShapesRef is written or found (default: %(default)s)"
+    )
     p.add_argument("--bits", default="w8a8", help="bit setting of the exported model: w8a8, w6a6, w4a8 or w4a4 "
                    "(default: %(default)s)")  # fmt: skip
     p.add_argument("--compare-bits", default="w4a4", help="a second, simulated-only setting for the gallery, the "
