@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantize.calibration.placement import set_submodule
+
 from .deploy_form import QuantStream, SiteLowering, WeightGrid
 
 __all__ = ["OutputSplitStream", "outlier_output_channels", "split_output_outliers"]
@@ -98,8 +100,7 @@ def split_output_outliers(
     for name, a in amax.items():
         channels = outlier_output_channels(a)
         if len(channels):
-            parent, _, child = name.rpartition(".")
-            program.get_submodule(parent)._modules[child] = OutputSplitStream(streams[name], channels)
+            set_submodule(program, name, OutputSplitStream(streams[name], channels))
             split[name] = channels.tolist()
     for record in records or []:
         moved = {n: c for n, c in split.items() if f".{record.site}.streams." in f".{n}"}
