@@ -66,7 +66,6 @@ class OutputSplitStream(nn.Module):
         )
         # (C_out, k): column j puts outlier j back on its channel.
         self.register_buffer("place", F.one_hot(channels, weight.shape[0]).t().to(weight.dtype).contiguous())
-        self.channels = channels.tolist()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ordinary(x) + F.linear(self.outliers(x), self.place)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .primitives.rorq import calibrate_tiers
+from .primitives.uniform import UniformSpec, minmax_qparams
 from .quantizers import (
     DrqGeluQuantizer,
     DrqSoftmaxQuantizer,
@@ -214,11 +215,11 @@ def init_activation(
 
 
 def _asymmetric_grids(lo: torch.Tensor, hi: torch.Tensor, q: GroupQuantizer):
-    """(scale, zero point) of ``q``'s min-max grids over [lo, hi] widened to hold 0 (so that 0 is exact)."""
-    qmin, qmax = q.qmin, q.qmax
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-8)
-    return scale, (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    """(scale, zero point) of ``q``'s min-max grids, one per entry of [lo, hi]."""
+    if not len(lo):
+        return lo, lo
+    scale, zero_point = minmax_qparams(torch.stack([lo, hi], 1), UniformSpec(q.bits, symmetric=False, axis=0))
+    return scale.flatten(), zero_point.flatten()
 
 
 def _weight_delta0(w: torch.Tensor, q: UniformQuantizer, per_channel: bool, blocks: int) -> torch.Tensor:
