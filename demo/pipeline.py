@@ -48,6 +48,7 @@ SETTINGS = (
     "coreml_limit",
     "arm_limit",
     "calib_size",
+    "everyday_expressions",
     "seed",
     "train_scenes",
     "val_scenes",
@@ -69,6 +70,7 @@ class DemoConfig:
     build_arm: bool = False  # build the aarch64 runner when it is missing (downloads the aarch64 wheel, ~2 min)
     arm_limit: int = 8  # qemu runs a forward in ~3 s
     calib_size: int = 32
+    everyday_expressions: int | None = None  # typed-language coverage for the text encoder; None: by bits
     seed: int = 0
     progress: bool = True
     train_scenes: int = 64  # calibration reads the first 32 refs of train
@@ -174,13 +176,14 @@ def _evaluate(model, cfg: DemoConfig, label: str) -> dict:
 
 def _calibrate(cfg: DemoConfig, bits: str, out: Path) -> dict:
     from quantize.calibration.artifact import save_quantized
-    from quantize.calibration.calibrate import calibrate, calibration_batch, calibration_record
+    from quantize.calibration.calibrate import calibrate, calibration_batch, calibration_record, default_everyday
     from quantize.calibration.recipe import make_recipe
 
     recipe = make_recipe(METHOD, bits, **{"seed": cfg.seed, **cfg.recipe_overrides})
     model = cfg.float_model()
     train = _dataset(cfg.data, "train", model.config)
-    batch = calibration_batch(train, cfg.calib_size)
+    everyday = default_everyday(recipe) if cfg.everyday_expressions is None else cfg.everyday_expressions
+    batch = calibration_batch(train, cfg.calib_size, everyday)
     quantized, report = calibrate(model, recipe, batch, progress=cfg.progress)
     save_quantized(quantized.cpu(), recipe, out, MODEL, {"calibration": calibration_record(train, batch, report)})
     return {"artifact": str(out), "method": METHOD, "bits": bits, "sites": report.sites, "seconds": report.seconds}
@@ -334,7 +337,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     step("float", lambda: _evaluate(cfg.float_model(), cfg, "float"), ("data",), keys=("limit",))
     step(
         "calibrate", lambda: _calibrate(cfg, cfg.bits, paths["artifact"]), ("data",),
-        (paths["artifact"] / "model.safetensors",), keys=("bits", "calib_size", "seed", "recipe_overrides"),
+        (paths["artifact"] / "model.safetensors",), keys=("bits", "calib_size", "everyday_expressions", "seed", "recipe_overrides"),
     )  # fmt: skip
 
     # The .pte lowering is the longest step: start it now and do the rest beside it.
@@ -351,7 +354,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         step("export_coreml", lambda: _export_coreml(cfg, paths), ("calibrate",), (paths["coreml"],))
         step(
             "calibrate_compare", lambda: _calibrate(cfg, cfg.compare_bits, paths["compare"]), ("data",),
-            (paths["compare"] / "model.safetensors",), keys=("compare_bits", "calib_size", "seed", "recipe_overrides"),
+            (paths["compare"] / "model.safetensors",), keys=("compare_bits", "calib_size", "everyday_expressions", "seed", "recipe_overrides"),
         )  # fmt: skip
         step(
             "simulated_compare",

@@ -360,7 +360,9 @@ def _calibration_data(model, config: dict, refer_root, pairs: int) -> list[tuple
                 else ""
             )
         ) from e
-    batch = calibration_batch(data, min(pairs, len({s.ref_id for s in data.samples})))
+    # The pairs calibration used, everyday expressions included: their text GEMM outputs need covering ranges too.
+    everyday = calib.get("everyday_expressions", 0)
+    batch = calibration_batch(data, min(pairs, len({s.ref_id for s in data.samples})), everyday)
     return [
         (batch.images[i : i + 1], batch.input_ids[i : i + 1], batch.attention_mask[i : i + 1])
         for i in range(len(batch))

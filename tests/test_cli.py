@@ -121,6 +121,8 @@ def test_calibrate_evaluate_analyze(refer_root, tmp_path, capsys):
     assert "written to" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"]["method"] == "minmax" and config["calibration"]["split"] == "train"
+    # 8-bit activations: the everyday expressions join the 8 split pairs by default.
+    assert (config["calibration"]["pairs"], config["calibration"]["everyday_expressions"]) == (8, 32)
     evaluated = run_json(
         capsys, "evaluate", "--quantized", str(out), "--refer-root", str(refer_root), "--limit", "32", "--json"
     )
