@@ -413,6 +413,11 @@ def _gallery_html(gallery) -> str:
     return "\n".join(out)
 
 
+def _everyday(calibration: dict) -> str:
+    n = calibration.get("everyday_expressions", 0)
+    return f" plus {n} everyday referring expressions paired with the same images" if n else ""
+
+
 def render_html(report: dict, images: dict[str, bytes], gallery) -> str:
     """The report as one HTML page with every image embedded."""
     r = report
@@ -427,7 +432,8 @@ def render_html(report: dict, images: dict[str, bytes], gallery) -> str:
             "language fusion, MiniLM text encoder, PWAM, decoder) quantized after training with PTQ4RIS: "
             f"{r['quantized_layers']} layers — every Linear and Conv of the vision, text, fusion and decoder parts and the "
             f"attention matmuls — calibrated on {cal.get('pairs', '?')} {html.escape(str(cal.get('dataset', '')))} "
-            f"{html.escape(str(cal.get('split', '')))} pairs. Weights are {wbits}-bit per output channel; activations {abits}-bit, with "
+            f"{html.escape(str(cal.get('split', '')))} pairs{_everyday(cal)}. Weights are {wbits}-bit per output channel; "
+            f"activations {abits}-bit, with "
             f"{_special_grids(int(abits))}. "
             "The same calibrated graph became an Android <code>.pte</code> (ExecuTorch, XNNPACK) and an iPhone "
             "<code>.mlpackage</code> (Core ML).</p>"
