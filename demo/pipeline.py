@@ -182,8 +182,7 @@ def _calibrate(cfg: DemoConfig, bits: str, out: Path) -> dict:
     recipe = make_recipe(METHOD, bits, **{"seed": cfg.seed, **cfg.recipe_overrides})
     model = cfg.float_model()
     train = _dataset(cfg.data, "train", model.config)
-    everyday = default_everyday(recipe) if cfg.everyday_expressions is None else cfg.everyday_expressions
-    batch = calibration_batch(train, cfg.calib_size, everyday)
+    batch = calibration_batch(train, cfg.calib_size, default_everyday(recipe, cfg.everyday_expressions))
     quantized, report = calibrate(model, recipe, batch, progress=cfg.progress)
     save_quantized(quantized.cpu(), recipe, out, MODEL, {"calibration": calibration_record(train, batch, report)})
     return {"artifact": str(out), "method": METHOD, "bits": bits, "sites": report.sites, "seconds": report.seconds}

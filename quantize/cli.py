@@ -335,8 +335,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
                 f"`ptq4ris data synth --out {args.refer_root} --splits {args.split} val --{args.split}-scenes 64`"
             ) from e
         raise
-    everyday = default_everyday(recipe) if args.everyday_expressions is None else args.everyday_expressions
-    batch = calibration_batch(dataset, args.calib_size, everyday)
+    batch = calibration_batch(dataset, args.calib_size, default_everyday(recipe, args.everyday_expressions))
     quantized, report = calibrate(model, recipe, batch, chunk_size=args.chunk_size, device=args.device, progress=True)
     extra = {"calibration": calibration_record(dataset, batch, report)}
     out = save_quantized(quantized.cpu(), recipe, args.out, args.model, extra)

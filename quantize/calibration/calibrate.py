@@ -73,10 +73,12 @@ class CalibrationBatch:
         return out
 
 
-def default_everyday(recipe: Recipe) -> int:
-    """How many everyday expressions join the calibration pairs by default: all of them at 8-bit activations; none
-    below, where the wider text ranges cost more than they cover (lavt-tiny W4A4: 90.19 vs 92.21 mIoU on ShapesRef
-    val)."""
+def default_everyday(recipe: Recipe, requested: int | None = None) -> int:
+    """How many everyday expressions join the calibration pairs: ``requested`` when given, else all of them at 8-bit
+    activations and none below, where the wider text ranges cost more than they cover (lavt-tiny W4A4: 90.19 vs
+    92.21 mIoU on ShapesRef val)."""
+    if requested is not None:
+        return requested
     return len(EVERYDAY_EXPRESSIONS) if recipe.act_bits >= 8 else 0
 
 
