@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .cache import StepCache, digest
+from quantize.errors import UserError
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -313,9 +314,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     for bits in (cfg.bits, cfg.compare_bits):
         if bits not in BIT_SETTINGS:
-            raise ValueError(f"unknown bit setting {bits!r}: choose one of {', '.join(BIT_SETTINGS)}")
+            raise UserError(f"unknown bit setting {bits!r}: choose one of {', '.join(BIT_SETTINGS)}")
     if cfg.limit < 1 or cfg.coreml_limit < 1 or cfg.arm_limit < 1:
-        raise ValueError("--limit, --coreml-limit and --arm-limit must be positive")
+        raise UserError("--limit, --coreml-limit and --arm-limit must be positive")
     start = time.perf_counter()
     paths = cfg.paths()
     Path(cfg.out).mkdir(parents=True, exist_ok=True)

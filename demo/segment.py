@@ -25,6 +25,7 @@ from quantize.atomic import write_atomic
 from quantize.data.preprocess import Tokenizer, image_to_tensor, load_image
 from quantize.models.config import PreprocessConfig
 from quantize.models.registry import text_encoder_dir
+from quantize.errors import UserError
 
 __all__ = ["BACKENDS", "Segmentation", "overlay", "segment"]
 
@@ -55,7 +56,7 @@ class Segmentation:
 def _runner(backend: str, model: str, checkpoint, quantized, pte, coreml):
     """(callable(image, ids, mask) -> logits, input size, preprocessing) for a backend."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         if quantized:
             from quantize.calibration.artifact import load_quantized
@@ -69,20 +70,20 @@ def _runner(backend: str, model: str, checkpoint, quantized, pte, coreml):
         return net, net.config.swin.img_size, net.config.preprocess
     if backend == "pte":
         if not pte:
-            raise ValueError("--backend pte needs --pte MODEL.pte (a full-model program from `ptq4ris export-pte`)")
+            raise UserError("--backend pte needs --pte MODEL.pte (a full-model program from `ptq4ris export-pte`)")
         from mobile_runtime.runtime import load_full_model
 
         program = load_full_model(pte)
         return program, program.input_shapes[0][-1], PreprocessConfig()
     if not coreml:
-        raise ValueError(
+        raise UserError(
             "--backend coreml-interp needs --coreml MODEL.mlpackage (a full-model package from `ptq4ris export-coreml`)"
         )
     from ios_export.parity import CoreMLProgram
 
     package = CoreMLProgram(coreml)
     if tuple(package.input_names) != ("image", "input_ids", "attention_mask"):
-        raise ValueError(f"{coreml} is a stage package (inputs {package.input_names}); give the full-model package")
+        raise UserError(f"{coreml} is a stage package (inputs {package.input_names}); give the full-model package")
     return package, package.input_shapes[0][-1], PreprocessConfig()
 
 
@@ -119,7 +120,7 @@ def overlay(photo: Image.Image, mask: np.ndarray, outline=OUTLINE, dim: float = 
 
     base = np.asarray(photo.convert("RGB"), dtype=np.float32)
     if mask.shape != base.shape[:2]:
-        raise ValueError(f"mask {mask.shape} does not match the photo {base.shape[:2]}")
+        raise UserError(f"mask {mask.shape} does not match the photo {base.shape[:2]}")
     out = base * dim
     out[mask] = base[mask]
     edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, min(mask.shape) // 128))
@@ -131,7 +132,7 @@ def png_path(out: str | Path) -> Path:
     """``out`` when it names a PNG file, else a clear error (checked before the model runs, too)."""
     out = Path(out)
     if out.suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {out}")
+        raise UserError(f"--out must name a .png file, got {out}")
     return out
 
 

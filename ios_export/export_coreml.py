@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from quantize.errors import UserError
 
 __all__ = ["PRECISIONS", "TARGETS", "export_artifact", "export_package", "package_paths", "weight_bytes"]
 
@@ -89,11 +90,11 @@ def export_package(
     from mobile_runtime.export_pte import STAGES
 
     if target not in TARGETS:
-        raise ValueError(f"unknown --target {target!r}: choose {' or '.join(TARGETS)}")
+        raise UserError(f"unknown --target {target!r}: choose {' or '.join(TARGETS)}")
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown --precision {precision!r}: choose {' or '.join(PRECISIONS)}")
+        raise UserError(f"unknown --precision {precision!r}: choose {' or '.join(PRECISIONS)}")
     if int4_weights and target != "iOS18":
-        raise ValueError("int4 weights need Core ML for iOS18: use --target iOS18 (or a W8 artifact for iOS17)")
+        raise UserError("int4 weights need Core ML for iOS18: use --target iOS18 (or a W8 artifact for iOS17)")
     inputs = []
     for name, x in zip(STAGES[stage], example):
         dtype = np.float32 if x.dtype.is_floating_point else np.int32
@@ -159,14 +160,14 @@ def export_artifact(
 
     out = Path(out)
     if out.suffix != ".mlpackage":
-        raise ValueError(f"--out must name a .mlpackage, got {out}")
+        raise UserError(f"--out must name a .mlpackage, got {out}")
     unknown = set(stages) - set(STAGES)
     if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}: choose from {', '.join(STAGES)}")
+        raise UserError(f"unknown stages {sorted(unknown)}: choose from {', '.join(STAGES)}")
     model, recipe, config = load_quantized(quantized_dir)
     int4 = recipe.weight_bits <= 4
     if int4 and target != "iOS18":
-        raise ValueError(
+        raise UserError(
             f"{recipe.bits.upper()} stores its weights in int4, which Core ML supports from iOS18: use --target iOS18"
         )
     calib = _calibration_data(model, config, refer_root, calib_pairs)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from quantize.errors import MissingFileError, UserError
 
 __all__ = ["OPS", "MilInterpreter", "UnsupportedOpError", "load_program"]
 
@@ -30,11 +31,11 @@ def load_program(package: str | Path):
 
     package = Path(package)
     if not (package / "Manifest.json").is_file():
-        raise FileNotFoundError(f"no Core ML package at {package}: export one with `ptq4ris export-coreml`")
+        raise MissingFileError(f"no Core ML package at {package}: export one with `ptq4ris export-coreml`")
     model = ct.models.MLModel(str(package), skip_model_load=True)
     spec = model.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
-        raise ValueError(f"{package} is a neural-network model, not an ML program; re-export it as an .mlpackage")
+        raise UserError(f"{package} is a neural-network model, not an ML program; re-export it as an .mlpackage")
     return load(model_spec=spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
 
 
@@ -102,7 +103,7 @@ def _expand_blocks(param: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Repeat a blockwise parameter (same rank as the data, each dim dividing it) up to the data's shape."""
     for axis, (n, m) in enumerate(zip(shape, param.shape)):
         if n % m:
-            raise ValueError(f"block parameter of shape {param.shape} does not tile data of shape {shape}")
+            raise UserError(f"block parameter of shape {param.shape} does not tile data of shape {shape}")
         if m != n:
             param = np.repeat(param, n // m, axis=axis)
     return param
@@ -544,12 +545,12 @@ class MilInterpreter:
         Returns every variable computed, by name."""
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
-            raise ValueError(f"missing program inputs: {', '.join(missing)} (the program takes {self.input_names})")
+            raise UserError(f"missing program inputs: {', '.join(missing)} (the program takes {self.input_names})")
         env: dict[str, Any] = {}
         for name, var in self.function.inputs.items():
             value = np.asarray(inputs[name])
             if tuple(value.shape) != tuple(var.shape):
-                raise ValueError(f"input {name} must have shape {list(var.shape)}, got {list(value.shape)}")
+                raise UserError(f"input {name} must have shape {list(var.shape)}, got {list(value.shape)}")
             env[name] = value.astype(_np_dtype(var.sym_type))
         for op in self.function.operations:
             if op.op_type == "const":

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .mil_interpreter import MilInterpreter, load_program
+from quantize.errors import UserError
 
 __all__ = ["CoreMLProgram", "first_divergence", "run_parity", "stage_parity"]
 
@@ -30,7 +31,7 @@ class CoreMLProgram:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.input_names):
-            raise ValueError(f"{self.path.name} takes {len(self.input_names)} inputs ({self.input_names})")
+            raise UserError(f"{self.path.name} takes {len(self.input_names)} inputs ({self.input_names})")
         feeds = {name: x.detach().cpu().numpy() for name, x in zip(self.input_names, inputs)}
         out = self.interpreter(**feeds)
         return torch.from_numpy(np.asarray(out[self.interpreter.output_names[0]], dtype=np.float32))

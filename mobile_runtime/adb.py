@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 from pathlib import Path, PurePosixPath
+from quantize.errors import UserError
 
 __all__ = ["Adb", "AdbError", "DeviceSession", "glibc_bundle", "shell_join"]
 
@@ -22,7 +23,7 @@ GLIBC_LIBS = ("libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "libstd
 LOADER = "ld-linux-aarch64.so.1"
 
 
-class AdbError(RuntimeError):
+class AdbError(UserError, RuntimeError):
     """Something about the device or the adb connection, with what to do about it."""
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from quantize.errors import UserError
 
 __all__ = ["benchmark", "format_benchmark", "main", "program_inputs"]
 
@@ -50,7 +51,7 @@ def benchmark(programs: dict[str, str | Path], threads: list[int], runs: int = 2
     from .runtime import load_full_model, program_bytes
 
     if runs < 1 or warmup < 0:
-        raise ValueError("runs must be positive and warmup non-negative")
+        raise UserError("runs must be positive and warmup non-negative")
     report = {"runs": runs, "warmup": warmup, "sizes": {n: program_bytes(p) for n, p in programs.items()}}
     names = list(programs)
     for n_threads in threads:

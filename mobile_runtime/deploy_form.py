@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantize.errors import UserError
 from quantize.calibration.placement import QuantMatMul, quantized_sites, set_submodule
 from quantize.calibration.quantizers import (
     DrqGeluQuantizer,
@@ -58,7 +59,7 @@ __all__ = [
 SLICE_ALIGN = 8
 
 
-class LoweringError(ValueError):
+class LoweringError(UserError):
     """A calibrated model that has no exact lowering to stock integer kernels."""
 
 

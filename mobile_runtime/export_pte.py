@@ -27,6 +27,7 @@ from quantize.calibration.placement import set_quantization
 
 from .deploy_form import DeployMatMul, QuantStream, SiteLowering, to_deploy_form
 from .output_split import split_output_outliers
+from quantize.errors import MissingFileError, UserError
 
 __all__ = ["STAGES", "ExportResult", "Stage", "calibrated_graph", "export_program", "stage_inputs"]
 
@@ -38,7 +39,7 @@ class Stage(nn.Module):
     def __init__(self, model: nn.Module, stage: str) -> None:
         super().__init__()
         if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+            raise UserError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
         self.model, self.stage = model, stage
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ def calibrated_graph(
     from .calibrated_quantizer import CalibratedQuantizer
 
     if table_bits not in (4, 8):
-        raise ValueError(f"table_bits must be 4 or 8, got {table_bits}")
+        raise UserError(f"table_bits must be 4 or 8, got {table_bits}")
     seconds = {}
     deploy, sites = to_deploy_form(calibrated)
     if table_bits == 4:
@@ -191,7 +192,7 @@ def export_program(
     result = ExportResult(stage, quantized, b"", input_shapes=[list(x.shape) for x in example])
     if quantized:
         if not calib:
-            raise ValueError("a quantized program needs calibration pairs to observe its GEMM output ranges")
+            raise UserError("a quantized program needs calibration pairs to observe its GEMM output ranges")
         module, result.sites, result.seconds = calibrated_graph(
             calibrated, stage, example, calib, output_observer, table_bits, split_outputs
         )
@@ -264,10 +265,10 @@ def export_artifact(
 
     out = Path(out)
     if out.suffix != ".pte":
-        raise ValueError(f"--out must name a .pte file, got {out}")
+        raise UserError(f"--out must name a .pte file, got {out}")
     unknown = set(stages) - set(STAGES)
     if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}: choose from {', '.join(STAGES)}")
+        raise UserError(f"unknown stages {sorted(unknown)}: choose from {', '.join(STAGES)}")
     model, recipe, config = load_quantized(quantized_dir)
     calib = _calibration_data(model, config, refer_root, calib_pairs)
     paths = program_paths(out)
@@ -351,7 +352,7 @@ def _calibration_data(model, config: dict, refer_root, pairs: int) -> list[tuple
             cfg.swin.img_size,
         )
     except (FileNotFoundError, ValueError) as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"export observes the int8 GEMM output ranges on the artifact's calibration data ({dataset} {split_by} "
             f"{split}) and could not read it under {refer_root}: {e}. Point --refer-root at it"
             + (

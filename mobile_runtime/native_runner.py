@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from quantize.errors import MissingFileError, UserError
 
 __all__ = ["NativeRunner", "RunResult", "ToolMissing", "build_runner", "executorch_root"]
 
@@ -34,7 +35,7 @@ _DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "int8": 
 INSTALL_HINT = "install the system tools with `make system-tools` (Debian: qemu-user g++-aarch64-linux-gnu cmake)"
 
 
-class ToolMissing(RuntimeError):
+class ToolMissing(UserError, RuntimeError):
     """A system tool the native runner needs is not installed."""
 
 
@@ -89,7 +90,7 @@ def aarch64_executorch_root(build_dir: Path) -> Path:
 def build_runner(target: str = "host", build_dir: Path = DEFAULT_BUILD, log=print) -> Path:
     """Configure and build the runner for ``host`` or ``aarch64``; returns the binary. Rebuilds only what changed."""
     if target not in ("host", "aarch64"):
-        raise ValueError(
+        raise UserError(
             f"unknown target {target!r}: host or aarch64 (Android: see mobile_runtime/native/CMakeLists.txt)"
         )
     _require("cmake")
@@ -164,7 +165,7 @@ class NativeRunner:
     def __init__(self, binary: str | Path, emulate: bool = False, timeout: float = 600) -> None:
         self.binary = Path(binary)
         if not self.binary.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no runner at {self.binary}: build it with `python -m mobile_runtime.native_runner build`"
             )
         self.emulate, self.timeout = emulate, timeout

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from quantize.errors import MissingFileError, UserError
 
 __all__ = ["PteInputError", "PteProgram", "StagedPrograms", "load_full_model", "program_bytes", "stage_paths"]
 
@@ -16,7 +17,7 @@ __all__ = ["PteInputError", "PteProgram", "StagedPrograms", "load_full_model", "
 _DTYPES = {0: torch.uint8, 1: torch.int8, 3: torch.int32, 4: torch.int64, 5: torch.float16, 6: torch.float32}
 
 
-class PteInputError(ValueError):
+class PteInputError(UserError):
     """Inputs that do not match what a ``.pte`` program was exported for."""
 
 
@@ -34,7 +35,7 @@ class PteProgram:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"no ExecuTorch program at {self.path}: export one with `ptq4ris export-pte`")
+            raise MissingFileError(f"no ExecuTorch program at {self.path}: export one with `ptq4ris export-pte`")
         try:
             program = Runtime.get().load_program(self.path)
             self.method = program.load_method("forward")
@@ -104,7 +105,7 @@ def load_full_model(pte: str | Path) -> PteProgram | StagedPrograms:
     text, visual = stage_paths(pte)
     if text.is_file() and visual.is_file():
         return StagedPrograms(text, visual)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no ExecuTorch program at {pte} (nor its stage programs {text.name} and {visual.name}): export them with "
         "`ptq4ris export-pte`"
     )

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from .errors import UserError
 
 __all__ = ["build_parser", "main"]
 
@@ -324,13 +325,13 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.objective and recipe.search != "none":
         recipe = make_recipe(args.method, args.bits, **overrides, search=args.objective)
     if args.random_weights and args.checkpoint:
-        raise ValueError("--random-weights and --checkpoint exclude each other: drop one")
+        raise UserError("--random-weights and --checkpoint exclude each other: drop one")
     model = build_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)
     try:
         dataset = _dataset(args, model.config)
     except ValueError as e:
         if args.dataset == "shapesref" and "unknown split" in str(e):
-            raise ValueError(
+            raise UserError(
                 f"{e}; calibration draws from ShapesRef {args.split}: write it with "
                 f"`ptq4ris data synth --out {args.refer_root} --splits {args.split} val --{args.split}-scenes 64`"
             ) from e
@@ -526,7 +527,7 @@ def _run_parity(args: argparse.Namespace) -> int:
     model, recipe, config = load_quantized(args.quantized)
     dataset = _dataset(args, model.config)
     if args.arm and not args.pte:
-        raise ValueError("--arm runs an ExecuTorch program on emulated ARM: give it with --pte")
+        raise UserError("--arm runs an ExecuTorch program on emulated ARM: give it with --pte")
     if args.coreml:
         from ios_export import parity as coreml_parity
 

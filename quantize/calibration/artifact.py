@@ -26,13 +26,14 @@ from ..models.config import LavtConfig
 from ..models.lavt import LAVT
 from .placement import place_quantizers, quantized_sites, quantizers_of, rebuild_quantizers
 from .recipe import Recipe
+from ..errors import UserError
 
 __all__ = ["FORMAT_VERSION", "QuantizedArtifactError", "load_quantized", "save_quantized"]
 
 FORMAT_VERSION = 1
 
 
-class QuantizedArtifactError(ValueError):
+class QuantizedArtifactError(UserError):
     """A quantized-model folder is missing, incomplete, or from an incompatible version."""
 
 

@@ -46,6 +46,7 @@ from .search import (
     search_linear,
     search_matmul,
 )
+from ..errors import UserError
 
 __all__ = ["CalibrationBatch", "CalibrationReport", "calibrate", "calibration_batch", "default_everyday"]
 
@@ -87,9 +88,9 @@ def calibration_batch(dataset, size: int = 32, everyday: int = 0) -> Calibration
     deterministic, so the same split gives the same pairs — followed by the first ``everyday`` of
     :data:`~.everyday_expressions.EVERYDAY_EXPRESSIONS`, each paired with one of those images in turn."""
     if size < 1:
-        raise ValueError(f"calibration size must be positive, got {size}")
+        raise UserError(f"calibration size must be positive, got {size}")
     if not 0 <= everyday <= len(EVERYDAY_EXPRESSIONS):
-        raise ValueError(f"everyday expressions must be between 0 and {len(EVERYDAY_EXPRESSIONS)}, got {everyday}")
+        raise UserError(f"everyday expressions must be between 0 and {len(EVERYDAY_EXPRESSIONS)}, got {everyday}")
     picked, seen = [], set()
     for index, sample in enumerate(dataset.samples):
         if sample.ref_id not in seen:
@@ -98,7 +99,7 @@ def calibration_batch(dataset, size: int = 32, everyday: int = 0) -> Calibration
             if len(picked) == size:
                 break
     if len(picked) < size:
-        raise ValueError(f"the split has only {len(picked)} refs, fewer than the {size} calibration pairs asked for")
+        raise UserError(f"the split has only {len(picked)} refs, fewer than the {size} calibration pairs asked for")
     items = [dataset[i] for i in picked]
     images = [it["image"] for it in items]
     tokens = [(it["input_ids"], it["attention_mask"]) for it in items]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+from ..errors import UserError
 
 __all__ = ["BIT_SETTINGS", "METHODS", "METHOD_HELP", "Recipe", "make_recipe", "parse_bits"]
 
@@ -103,24 +104,24 @@ class Recipe:
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+                raise UserError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("weight_bits", "act_bits"):
             if not 2 <= getattr(self, name) <= 8:
-                raise ValueError(f"{name} must be in 2..8, got {getattr(self, name)}")
+                raise UserError(f"{name} must be in 2..8, got {getattr(self, name)}")
         if self.drq_min_bits < 3:
-            raise ValueError(
+            raise UserError(
                 f"drq_min_bits must be at least 3 (DRQ spends b−1 bits per region), got {self.drq_min_bits}"
             )
         if self.text_tiers < 0 or self.text_tiers > 10:
-            raise ValueError(f"text_tiers must be in 0..10 (0: by bits), got {self.text_tiers}")
+            raise UserError(f"text_tiers must be in 0..10 (0: by bits), got {self.text_tiers}")
         if self.text_groups < 0 or self.pwam_groups < 0:
-            raise ValueError(
+            raise UserError(
                 f"text_groups and pwam_groups must be >= 0 (0: by bits), got {self.text_groups}, {self.pwam_groups}"
             )
         if min(self.candidates, self.rounds, self.max_rows, self.screen_rows, self.refine) < 1:
-            raise ValueError("candidates, rounds, max_rows, screen_rows and refine must be positive")
+            raise UserError("candidates, rounds, max_rows, screen_rows and refine must be positive")
         if not 0 < self.alpha_min < self.alpha_max:
-            raise ValueError(f"need 0 < alpha_min < alpha_max, got {self.alpha_min}, {self.alpha_max}")
+            raise UserError(f"need 0 < alpha_min < alpha_max, got {self.alpha_min}, {self.alpha_max}")
 
     @property
     def text_group_count(self) -> int:
@@ -170,7 +171,7 @@ class Recipe:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown recipe fields {sorted(unknown)}: the artifact was written by another version")
+            raise UserError(f"unknown recipe fields {sorted(unknown)}: the artifact was written by another version")
         return cls(**data)
 
 
@@ -234,12 +235,12 @@ def parse_bits(bits: str) -> tuple[int, int]:
     try:
         return BIT_SETTINGS[bits.lower()]
     except KeyError:
-        raise ValueError(f"unknown bit setting {bits!r}: choose one of {', '.join(BIT_SETTINGS)}") from None
+        raise UserError(f"unknown bit setting {bits!r}: choose one of {', '.join(BIT_SETTINGS)}") from None
 
 
 def make_recipe(method: str, bits: str, **overrides: Any) -> Recipe:
     """The preset ``method`` at ``bits`` (``w8a8`` …), with field overrides (e.g. ``pwam="plain"``)."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     weight_bits, act_bits = parse_bits(bits)
     return replace(METHODS[method], weight_bits=weight_bits, act_bits=act_bits, **overrides)

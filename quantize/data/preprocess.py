@@ -14,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..models.config import PreprocessConfig
+from ..errors import MissingFileError, UserError
 
 __all__ = [
     "load_image",
@@ -28,7 +29,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class ExpressionError(ValueError):
+class ExpressionError(UserError):
     """An expression the model cannot take (empty, or not a string)."""
 
 
@@ -36,20 +37,20 @@ def load_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB, with an error that names the file when it is missing or corrupt."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+        raise MissingFileError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"corrupt or unreadable image {path}: {e}; replace the file") from e
+        raise UserError(f"corrupt or unreadable image {path}: {e}; replace the file") from e
 
 
 def resize_image(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
     """RGB image (PIL or HWC uint8) -> (size, size, 3) uint8, resized exactly (bilinear, aspect ignored)."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an HWC uint8 RGB array, got shape {image.shape} dtype {image.dtype}")
+            raise UserError(f"expected an HWC uint8 RGB array, got shape {image.shape} dtype {image.dtype}")
         image = Image.fromarray(image)
     return np.array(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
 

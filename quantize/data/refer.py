@@ -26,6 +26,7 @@ from pycocotools.coco import COCO
 
 from ..models.config import PreprocessConfig
 from .preprocess import Tokenizer, load_image, normalize_image, resize_image, resize_mask
+from ..errors import MissingFileError, UserError
 
 __all__ = ["load_refs", "ReferDataset", "RefSample", "DATASET_SPLITS", "default_image_dir"]
 
@@ -51,15 +52,15 @@ class _PlainUnpickler(pickle.Unpickler):
 def load_refs(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"refs file not found: {path}")
+        raise MissingFileError(f"refs file not found: {path}")
     try:
         with open(path, "rb") as f:
             refs = _PlainUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, ValueError, OverflowError, MemoryError) as e:
         # Corrupt length fields surface as OverflowError / MemoryError rather than UnpicklingError.
-        raise ValueError(f"cannot read refs file {path}: {e}") from e
+        raise UserError(f"cannot read refs file {path}: {e}") from e
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
-        raise ValueError(f"refs file {path} must hold a list of dicts, got {type(refs).__name__}")
+        raise UserError(f"refs file {path} must hold a list of dicts, got {type(refs).__name__}")
     return refs
 
 
@@ -104,9 +105,9 @@ class ReferDataset(torch.utils.data.Dataset):
         preprocess: PreprocessConfig = PreprocessConfig(),
     ) -> None:
         if dataset not in DATASET_SPLITS:
-            raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASET_SPLITS)}")
+            raise UserError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASET_SPLITS)}")
         if split_by not in DATASET_SPLITS[dataset]:
-            raise ValueError(
+            raise UserError(
                 f"{dataset} has no {split_by!r} split; expected --split-by one of {sorted(DATASET_SPLITS[dataset])}"
             )
         self.refer_root = Path(refer_root)
@@ -114,18 +115,18 @@ class ReferDataset(torch.utils.data.Dataset):
         data_dir = self.refer_root / dataset
         if not data_dir.is_dir():
             hint = " (create it with `ptq4ris data synth`)" if dataset == "shapesref" else ""
-            raise FileNotFoundError(f"no {dataset} data under {self.refer_root}: {data_dir} is missing{hint}")
+            raise MissingFileError(f"no {dataset} data under {self.refer_root}: {data_dir} is missing{hint}")
         refs = load_refs(data_dir / f"refs({split_by}).p")
         available = sorted({r.get("split") for r in refs if isinstance(r.get("split"), str)})
         if split not in available:
-            raise ValueError(f"unknown split {split!r} for {dataset} ({split_by}); available: {available}")
+            raise UserError(f"unknown split {split!r} for {dataset} ({split_by}); available: {available}")
         instances = data_dir / "instances.json"
         if not instances.is_file():
-            raise FileNotFoundError(f"annotation file not found: {instances}")
+            raise MissingFileError(f"annotation file not found: {instances}")
         try:
             data = json.loads(instances.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"corrupt annotation file {instances}: {e}") from e
+            raise UserError(f"corrupt annotation file {instances}: {e}") from e
         with contextlib.redirect_stdout(io.StringIO()):  # COCO prints progress
             self.coco = COCO()
             self.coco.dataset = data

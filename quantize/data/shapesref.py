@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+from ..errors import UserError
 
 __all__ = [
     "ShapesRefGenerator",
@@ -104,7 +105,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[float]:
         h = r * 1.2
         pts = [(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)]
     else:
-        raise ValueError(f"not a polygon shape: {shape}")
+        raise UserError(f"not a polygon shape: {shape}")
     return [float(round(v, 2)) for p in pts for v in p]
 
 
@@ -134,7 +135,7 @@ class ShapesRefGenerator:
     # ---- scene -------------------------------------------------------------------------------------------------
     def scene(self, split: str, index: int) -> Scene:
         if split not in SPLIT_OBJECTS:
-            raise ValueError(f"unknown ShapesRef split {split!r}; expected one of {sorted(SPLIT_OBJECTS)}")
+            raise UserError(f"unknown ShapesRef split {split!r}; expected one of {sorted(SPLIT_OBJECTS)}")
         rng = _rng(self.seed, split, index)
         n = int(rng.choice(SPLIT_OBJECTS[split]))
         cells = rng.choice(9, size=n, replace=False)
@@ -331,9 +332,9 @@ def write_shapesref(
     split_scenes = dict(DEFAULT_SPLIT_SCENES if split_scenes is None else split_scenes)
     for split, count in split_scenes.items():
         if split not in SPLIT_OBJECTS:
-            raise ValueError(f"unknown ShapesRef split {split!r}; expected some of {sorted(SPLIT_OBJECTS)}")
+            raise UserError(f"unknown ShapesRef split {split!r}; expected some of {sorted(SPLIT_OBJECTS)}")
         if count <= 0:
-            raise ValueError(f"scene count for {split} must be positive, got {count}")
+            raise UserError(f"scene count for {split} must be positive, got {count}")
     meta = {"generator_version": GENERATOR_VERSION, "seed": seed, "split_scenes": split_scenes}
     meta_path = root / "shapesref" / "meta.json"
     if meta_path.is_file():

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_file
+from ..errors import MissingFileError, UserError
 
 __all__ = [
     "EMBEDDED_WEIGHTS",
@@ -41,23 +42,23 @@ _DROPPABLE_SUFFIXES = ("embeddings.position_ids", ".attn_mask")
 _DROPPABLE_PREFIXES = ("text_encoder.pooler.", "pooler.")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """The checkpoint does not fit the architecture: lists missing, unexpected and mis-shaped keys."""
 
 
 def _read_file(path: Path) -> Mapping[str, object]:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (pass the path of a .pth or .safetensors file)")
+        raise MissingFileError(f"checkpoint not found: {path} (pass the path of a .pth or .safetensors file)")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
         except Exception as e:
-            raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it") from e
+            raise UserError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it") from e
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise UserError(
             f"{path} could not be read as a PyTorch checkpoint of plain tensors ({type(e).__name__}: {e}). "
             "Only state dicts and the argparse.Namespace of official LAVT files are accepted; re-save other "
             "pickles as a state dict or a .safetensors file"

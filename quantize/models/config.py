@@ -11,13 +11,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from transformers import BertConfig
+from ..errors import UserError
 
 __all__ = ["DecoderConfig", "LavtConfig", "PreprocessConfig", "PwamConfig", "SwinConfig"]
 
 
 def _check_positive(name: str, value: int) -> None:
     if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise UserError(f"{name} must be positive, got {value}")
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,14 @@ class SwinConfig:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "window_size"):
             _check_positive(name, getattr(self, name))
         if len(self.depths) != len(self.num_heads):
-            raise ValueError(
+            raise UserError(
                 f"depths and num_heads must have one entry per stage, got {len(self.depths)} and {len(self.num_heads)}"
             )
         for i, heads in enumerate(self.num_heads):
             if self.stage_dim(i) % heads:
-                raise ValueError(f"stage {i} width {self.stage_dim(i)} is not a multiple of its {heads} heads")
+                raise UserError(f"stage {i} width {self.stage_dim(i)} is not a multiple of its {heads} heads")
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+            raise UserError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def num_stages(self) -> int:
@@ -144,7 +145,7 @@ class LavtConfig:
 
     def __post_init__(self) -> None:
         if len(self.pwam.num_heads) != self.swin.num_stages:
-            raise ValueError(
+            raise UserError(
                 f"pwam.num_heads needs one entry per Swin stage ({self.swin.num_stages}), got {len(self.pwam.num_heads)}"
             )
 
@@ -167,7 +168,7 @@ class LavtConfig:
         known = {"swin", "pwam", "decoder", "preprocess", "text"}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown LavtConfig keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise UserError(f"unknown LavtConfig keys {sorted(unknown)}; expected a subset of {sorted(known)}")
 
         def tuples(d: dict[str, Any]) -> dict[str, Any]:
             return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

