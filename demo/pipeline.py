@@ -205,7 +205,7 @@ class PteExport:
         for name, flags in self.JOBS:
             log = paths["log"] / f"export-pte-{name}.log"
             cmd = [
-                sys.executable, "-m", "quantize.cli", "export-pte", "--quantized", str(paths["artifact"]),
+                sys.executable, "-m", "ptq4ris.cli", "export-pte", "--quantized", str(paths["artifact"]),
                 "--out", str(paths["pte"]), "--refer-root", str(cfg.data), *flags, "--json",
             ]  # fmt: skip
             with open(log, "w") as stream:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from quantize.cli import main
+from ptq4ris.cli import main
 from quantize.data.shapesref import write_shapesref
 
 
@@ -25,11 +25,11 @@ def run_json(capsys, *argv) -> dict:
 
 
 def test_help_explains_every_command():
-    out = subprocess.run([sys.executable, "-m", "quantize.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "ptq4ris.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("data", "train", "evaluate", "calibrate", "analyze", "export-pte", "parity"):
         assert command in out.stdout
     out = subprocess.run(
-        [sys.executable, "-m", "quantize.cli", "evaluate", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "ptq4ris.cli", "evaluate", "--help"], capture_output=True, text=True, check=True
     )
     assert "--checkpoint" in out.stdout and "--shuffled-expressions" in out.stdout
 

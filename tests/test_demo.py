@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from demo.pipeline import DemoConfig, run_demo
-from quantize.cli import main
+from ptq4ris.cli import main
 
 from .test_export_pte import small_model
 

@@ -146,7 +146,7 @@ def default_programs(tmp_path_factory):
     # The first train scenes are those of the full data set: calibration sees the demo's first 32 refs.
     write_shapesref(root, seed=0, split_scenes={"train": 16, "val": 4})
     artifact, pte = folder / "lavt-tiny-w8a8", folder / "android" / "lavt-tiny-w8a8.pte"
-    cli = [sys.executable, "-m", "quantize.cli"]
+    cli = [sys.executable, "-m", "ptq4ris.cli"]
     done = subprocess.run([*cli, "calibrate", "--bits", "w8a8", "--method", "ptq4ris-deploy", "--out", str(artifact),
                            "--refer-root", str(root)], capture_output=True, text=True, cwd=ROOT, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,7 +13,7 @@ ct = pytest.importorskip("coremltools")
 
 from ios_export.export_coreml import package_paths, weight_bytes
 from ios_export.mil_interpreter import MilInterpreter, load_program
-from quantize.cli import main
+from ptq4ris.cli import main
 from quantize.data.shapesref import write_shapesref
 
 from .test_export_pte import _artifact

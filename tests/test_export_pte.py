@@ -18,7 +18,7 @@ from mobile_runtime.runtime import PteInputError, PteProgram
 from quantize.calibration.artifact import save_quantized
 from quantize.calibration.calibrate import calibrate, calibration_batch
 from quantize.calibration.recipe import make_recipe
-from quantize.cli import main
+from ptq4ris.cli import main
 from quantize.data.preprocess import Tokenizer
 from quantize.data.refer import ReferDataset
 from quantize.data.shapesref import write_shapesref

@@ -10,7 +10,8 @@ import json
 import logging
 import sys
 from pathlib import Path
-from .errors import UserError
+
+from quantize.errors import UserError
 
 __all__ = ["build_parser", "main"]
 
@@ -46,7 +47,7 @@ def _add_data_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_synth(args: argparse.Namespace) -> int:
-    from .data.shapesref import write_shapesref
+    from quantize.data.shapesref import write_shapesref
 
     counts = {s: getattr(args, f"{s}_scenes") for s in args.splits}
     root = write_shapesref(args.out, seed=args.seed, split_scenes=counts, workers=args.workers, progress=True)
@@ -84,7 +85,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from quantize.train import TrainConfig, train
 
     cfg = TrainConfig(
         data_root=args.data_root,
@@ -163,9 +164,9 @@ def _add_data_args(p: argparse.ArgumentParser, split_flag: str = "--split", spli
 
 
 def _dataset(args: argparse.Namespace, cfg):
-    from .data.preprocess import Tokenizer
-    from .data.refer import ReferDataset
-    from .models.registry import text_encoder_dir
+    from quantize.data.preprocess import Tokenizer
+    from quantize.data.refer import ReferDataset
+    from quantize.models.registry import text_encoder_dir
 
     tokenizer = Tokenizer(text_encoder_dir(), cfg.preprocess.max_tokens)
     return ReferDataset(
@@ -181,15 +182,15 @@ def _dataset(args: argparse.Namespace, cfg):
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_table
+    from quantize.evaluate import evaluate, format_table
 
     if args.quantized:
-        from .calibration.artifact import load_quantized
+        from quantize.calibration.artifact import load_quantized
 
         model, recipe, _ = load_quantized(args.quantized)
         label = f"{args.quantized} ({recipe.method} {recipe.bits}, simulated)"
     else:
-        from .models.registry import build_model
+        from quantize.models.registry import build_model
 
         model = build_model(args.model, checkpoint=args.checkpoint)
         label = args.model
@@ -213,7 +214,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    from .calibration.recipe import BIT_SETTINGS, METHOD_HELP, METHODS
+    from quantize.calibration.recipe import BIT_SETTINGS, METHOD_HELP, METHODS
 
     p = sub.add_parser(
         "calibrate",
@@ -307,10 +308,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from .calibration.artifact import save_quantized
-    from .calibration.calibrate import calibrate, calibration_batch, calibration_record, default_everyday
-    from .calibration.recipe import make_recipe
-    from .models.registry import build_model
+    from quantize.calibration.artifact import save_quantized
+    from quantize.calibration.calibrate import calibrate, calibration_batch, calibration_record, default_everyday
+    from quantize.calibration.recipe import make_recipe
+    from quantize.models.registry import build_model
 
     overrides = {"seed": args.seed, "gelu_pow2": args.gelu_pow2, "refresh": args.refresh}
     if args.pwam:
@@ -521,8 +522,7 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
 
 def _run_parity(args: argparse.Namespace) -> int:
     from mobile_runtime.parity import format_parity, run_parity
-
-    from .calibration.artifact import load_quantized
+    from quantize.calibration.artifact import load_quantized
 
     model, recipe, config = load_quantized(args.quantized)
     dataset = _dataset(args, model.config)
@@ -558,7 +558,7 @@ def _run_parity(args: argparse.Namespace) -> int:
     report.update(quantized=args.quantized, recipe=f"{recipe.method} {recipe.bits}")
     text = json.dumps(report, indent=2, default=str)
     if args.out:
-        from .atomic import write_atomic
+        from quantize.atomic import write_atomic
 
         write_atomic(Path(args.out), text.encode())
     print(text if args.json else format_parity(report, label))
@@ -617,9 +617,9 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    from .calibration.artifact import load_quantized
-    from .calibration.calibrate import calibration_batch
-    from .calibration.sensitivity import analyze, format_sensitivity, plot_sensitivity, save_json
+    from quantize.calibration.artifact import load_quantized
+    from quantize.calibration.calibrate import calibration_batch
+    from quantize.calibration.sensitivity import analyze, format_sensitivity, plot_sensitivity, save_json
 
     model, recipe, _ = load_quantized(args.quantized)
     dataset = _dataset(args, model.config)
