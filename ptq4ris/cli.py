@@ -13,9 +13,48 @@ from pathlib import Path
 
 from quantize.errors import UserError
 
+from .errors import debug_requested, one_line, run_guarded
+
 __all__ = ["build_parser", "main"]
 
 DEFAULT_DATA_ROOT = "data"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's error policy: a mistake in the flags is one line and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
 
 
 def _add_data_synth(sub: argparse._SubParsersAction) -> None:
@@ -38,17 +77,18 @@ def _add_data_synth(sub: argparse._SubParsersAction) -> None:
     for split, default in (("train", 40000), ("val", 800), ("testA", 300), ("testB", 300)):
         p.add_argument(
             f"--{split}-scenes",
-            type=int,
+            type=positive_int,
             default=default,
             help=f"scenes in {split} (default: %(default)s; ~2.6 expressions per scene)",
         )
-    p.add_argument("--workers", type=int, default=1, help="processes rendering scenes (default: %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes rendering scenes (default: %(default)s)")
     p.set_defaults(func=_run_data_synth)
 
 
 def _run_data_synth(args: argparse.Namespace) -> int:
-    from quantize.data.shapesref import write_shapesref
+    from quantize.data.shapesref import check_shapesref_root, write_shapesref
 
+    check_shapesref_root(args.out)
     counts = {s: getattr(args, f"{s}_scenes") for s in args.splits}
     root = write_shapesref(args.out, seed=args.seed, split_scenes=counts, workers=args.workers, progress=True)
     meta = json.loads((Path(root) / "shapesref" / "meta.json").read_text())
@@ -68,25 +108,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--data-root", default=DEFAULT_DATA_ROOT, help="refer root holding shapesref/ (default: %(default)s)"
     )
     p.add_argument("--out", required=True, help="output folder (checkpoints, weights, logs)")
-    p.add_argument("--steps", type=int, default=20000, help="optimiser steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=20000, help="optimiser steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="(default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument(
         "--max-minutes",
-        type=float,
+        type=positive_float,
         default=None,
         help="stop after this many minutes of training, annealing the learning rate to fit",
     )
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps (default: %(default)s)")
+    p.add_argument("--save-every", type=positive_int, default=1000, help="checkpoint interval in steps (default: %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from quantize.train import TrainConfig, train
+    from quantize.outputs import check_output_folder
+    from quantize.train import TRAINING_KIND, TrainConfig, train
 
+    check_output_folder(args.out, "--out", TRAINING_KIND)
     cfg = TrainConfig(
         data_root=args.data_root,
         out_dir=args.out,
@@ -128,9 +170,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "instead of --model/--checkpoint",
     )
     _add_data_args(p)
-    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="(default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N pairs")
     p.add_argument(
         "--shuffled-expressions",
         action="store_true",
@@ -164,21 +206,9 @@ def _add_data_args(p: argparse.ArgumentParser, split_flag: str = "--split", spli
 
 
 def _dataset(args: argparse.Namespace, cfg):
-    from quantize.data.preprocess import Tokenizer
-    from quantize.data.refer import ReferDataset
-    from quantize.models.registry import text_encoder_dir
+    from quantize.data import open_split
 
-    tokenizer = Tokenizer(text_encoder_dir(), cfg.preprocess.max_tokens)
-    return ReferDataset(
-        args.refer_root,
-        args.dataset,
-        args.split_by,
-        args.split,
-        tokenizer,
-        cfg.swin.img_size,
-        args.image_dir,
-        cfg.preprocess,
-    )
+    return open_split(args.refer_root, args.dataset, args.split_by, args.split, cfg, args.image_dir)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -245,14 +275,14 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--text-groups",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="RORQ channel groups per text Linear input for ptq4ris-deploy (each is one int8 GEMM once deployed) "
         "(default: 2 at A8, 8 below)",
     )
     p.add_argument(
         "--text-tiers",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="ptq4ris-deploy: at most this many RORQ magnitude tiers per text Linear input; beyond the first, each "
         "tier is a residual slice on its own grid, one more int8 GEMM once deployed; 1: channel groups only "
@@ -260,7 +290,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--pwam-groups",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="channel groups of PWAM's fusion inputs with --pwam groups; 0 picks by bits (default: the method's: "
         "ptq4ris-deploy one grid at W8A8 and 16 groups otherwise, the others 16)",
@@ -286,10 +316,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the quantized model into")
     _add_data_args(p, "--calib-split", "train")
-    p.add_argument("--calib-size", type=int, default=32, help="calibration pairs, one per ref (default: %(default)s)")
+    p.add_argument("--calib-size", type=positive_int, default=32, help="calibration pairs, one per ref (default: %(default)s)")
     p.add_argument(
         "--everyday-expressions",
-        type=int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help="also calibrate on N built-in everyday referring expressions (RefCOCO style), each paired with a "
@@ -300,7 +330,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument(
         "--chunk-size",
-        type=int,
+        type=positive_int,
         default=32,
         help="calibration pairs per forward/backward; lower it for lavt-b on a small GPU (default: %(default)s)",
     )
@@ -308,7 +338,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from quantize.calibration.artifact import save_quantized
+    from quantize.calibration.artifact import check_artifact_output, save_quantized
     from quantize.calibration.calibrate import calibrate, calibration_batch, calibration_record, default_everyday
     from quantize.calibration.recipe import make_recipe
     from quantize.models.registry import build_model
@@ -322,25 +352,18 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         overrides["pwam_groups"] = args.pwam_groups
     if args.text_tiers is not None:
         overrides["text_tiers"] = args.text_tiers
+    check_artifact_output(args.out)
     recipe = make_recipe(args.method, args.bits, **overrides)
     if args.objective and recipe.search != "none":
         recipe = make_recipe(args.method, args.bits, **overrides, search=args.objective)
     if args.random_weights and args.checkpoint:
         raise UserError("--random-weights and --checkpoint exclude each other: drop one")
     model = build_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)
-    try:
-        dataset = _dataset(args, model.config)
-    except ValueError as e:
-        if args.dataset == "shapesref" and "unknown split" in str(e):
-            raise UserError(
-                f"{e}; calibration draws from ShapesRef {args.split}: write it with "
-                f"`ptq4ris data synth --out {args.refer_root} --splits {args.split} val --{args.split}-scenes 64`"
-            ) from e
-        raise
+    dataset = _dataset(args, model.config)  # a split it cannot read raises with the fix (open_split)
     batch = calibration_batch(dataset, args.calib_size, default_everyday(recipe, args.everyday_expressions))
     quantized, report = calibrate(model, recipe, batch, chunk_size=args.chunk_size, device=args.device, progress=True)
     extra = {"calibration": calibration_record(dataset, batch, report)}
-    out = save_quantized(quantized.cpu(), recipe, args.out, args.model, extra)
+    out = save_quantized(quantized.cpu(), recipe, args.out, args.model, extra, calibration_inputs=batch)
     print(
         f"{recipe.method} {recipe.bits}: {report.sites} quantized layers calibrated in {report.seconds:.1f} s "
         f"on {len(batch)} pairs of {args.dataset} {args.split} ({batch.description}); written to {out}"
@@ -352,12 +375,6 @@ def _add_export_args(p: argparse.ArgumentParser, kind: str, suffix: str, stages:
     """Arguments export-pte and export-coreml share: both lower the same calibrated graph."""
     p.add_argument("--quantized", required=True, help="folder written by `ptq4ris calibrate`")
     p.add_argument("--out", required=True, help=f"the full model's {suffix}; other {kind}s are written beside it")
-    p.add_argument(
-        "--refer-root",
-        default=DEFAULT_DATA_ROOT,
-        help="refer root with the artifact's calibration split: int8 GEMM output ranges are observed on it "
-        "(default: %(default)s)",
-    )
     p.add_argument(
         "--stages",
         nargs="+",
@@ -401,14 +418,23 @@ def _add_export_pte(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export_pte(args: argparse.Namespace) -> int:
-    from mobile_runtime.export_pte import export_artifact
+    from mobile_runtime.export_pte import export_artifact, program_paths
     from mobile_runtime.lowering_report import format_report
+    from quantize.calibration.artifact import check_quantized
+    from quantize.file_kinds import is_json_object, is_pte
+    from quantize.outputs import check_output_file
 
+    out = check_output_file(args.out, "--out", (".pte",), is_pte, "ExecuTorch program")
+    wanted = [*args.stages, *([] if args.no_float else ["float"])]
+    for name, path in program_paths(out).items():
+        if name in wanted and name != "full":
+            check_output_file(path, "--out", (".pte",), is_pte, f"ExecuTorch program (the {name} program beside it)")
+    check_output_file(program_paths(out)["report"], "--out", (".json",), is_json_object, "lowering report")
+    check_quantized(args.quantized)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     report = export_artifact(
         args.quantized,
-        args.out,
-        refer_root=args.refer_root,
+        out,
         stages=tuple(args.stages),
         float_program=not args.no_float,
         kernels=not args.no_kernels,
@@ -452,13 +478,24 @@ def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export_coreml(args: argparse.Namespace) -> int:
-    from ios_export.export_coreml import export_artifact
+    from ios_export.export_coreml import export_artifact, package_paths
+    from quantize.calibration.artifact import check_quantized
+    from quantize.file_kinds import is_json_object, is_mlpackage
+    from quantize.outputs import check_output_file, check_output_folder
 
+    out = Path(args.out)
+    if out.suffix != ".mlpackage":
+        raise UserError(f"--out {out}: name a .mlpackage (e.g. {out.with_suffix('.mlpackage')})")
+    wanted = [*args.stages, *([] if args.no_float else ["float"])]
+    for name, path in package_paths(out).items():
+        if name in wanted:
+            check_output_folder(path, "--out", "Core ML package", recognise=is_mlpackage)
+    check_output_file(package_paths(out)["report"], "--out", (".json",), is_json_object, "export report")
+    check_quantized(args.quantized)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     report = export_artifact(
         args.quantized,
-        args.out,
-        refer_root=args.refer_root,
+        out,
         stages=tuple(args.stages),
         float_package=not args.no_float,
         target=args.target,
@@ -501,7 +538,7 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quantized", required=True, help="the calibrated folder the program was exported from")
     _add_data_args(p)
-    p.add_argument("--limit", type=int, default=None, help="first N pairs of the split only (default: all)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N pairs of the split only (default: all)")
     p.add_argument(
         "--arm",
         action="store_true",
@@ -520,14 +557,41 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_parity)
 
 
-def _run_parity(args: argparse.Namespace) -> int:
-    from mobile_runtime.parity import format_parity, run_parity
-    from quantize.calibration.artifact import load_quantized
+def _check_program_input(path: str | None, flag: str) -> None:
+    """A program or package given on the command line exists (its content is checked by the loader, before native
+    code sees it)."""
+    if path is None:
+        return
+    p = Path(path)
+    if flag == "--pte":
+        if p.suffix != ".pte":
+            raise UserError(f"{flag} {p}: name a .pte program written by `ptq4ris export-pte`")
+        text, visual = p.with_name(f"{p.stem}.text.pte"), p.with_name(f"{p.stem}.visual.pte")
+        if not p.is_file() and not (text.is_file() and visual.is_file()):
+            raise UserError(f"{flag} {p}: no such program (nor its stage programs {text.name} and {visual.name}); "
+                            "export it with `ptq4ris export-pte`")  # fmt: skip
+    elif not p.is_dir():
+        raise UserError(f"{flag} {p}: no such Core ML package (a .mlpackage folder); export it with "
+                        "`ptq4ris export-coreml`")  # fmt: skip
 
-    model, recipe, config = load_quantized(args.quantized)
-    dataset = _dataset(args, model.config)
+
+def _run_parity(args: argparse.Namespace) -> int:
+    from mobile_runtime.parity import run_parity
+    from quantize.calibration.artifact import load_quantized
+    from quantize.deploy.parity_stats import format_parity
+
     if args.arm and not args.pte:
         raise UserError("--arm runs an ExecuTorch program on emulated ARM: give it with --pte")
+    if args.first_divergence and not args.coreml:
+        raise UserError("--first-divergence compares a Core ML package op by op: give it with --coreml")
+    if args.out:
+        from quantize.file_kinds import is_json_object
+        from quantize.outputs import check_output_file
+
+        check_output_file(args.out, "--out", (".json",), is_json_object, "parity report")
+    _check_program_input(args.pte or args.coreml, "--pte" if args.pte else "--coreml")
+    model, recipe, config = load_quantized(args.quantized)
+    dataset = _dataset(args, model.config)
     if args.coreml:
         from ios_export import parity as coreml_parity
 
@@ -588,11 +652,11 @@ def _run_parity(args: argparse.Namespace) -> int:
 def _coreml_first_divergence(args: argparse.Namespace, model, recipe, config: dict, dataset) -> dict:
     """Rebuild the graph the full package was converted from and compare op by op on the first pair."""
     from ios_export.parity import first_divergence
-    from mobile_runtime.export_pte import _calibration_data, calibrated_graph, table_bits
+    from quantize.deploy.graph import calibrated_graph, calibration_inputs, table_bits
 
     item = dataset[0]
     inputs = (item["image"][None], item["input_ids"][None], item["attention_mask"][None])
-    calib = _calibration_data(model, config, args.refer_root, 32)
+    calib = calibration_inputs(model, config, args.refer_root, 32)
     graph, _, _ = calibrated_graph(model, "full", calib[0], calib, table_bits=table_bits(recipe))
     return first_divergence(args.coreml, graph, inputs)
 
@@ -609,9 +673,9 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantized", required=True, metavar="DIR", help="folder written by `ptq4ris calibrate`")
     _add_data_args(p)
     p.add_argument(
-        "--limit", type=int, default=1000, help="evaluation pairs for the mIoU columns (default: %(default)s)"
+        "--limit", type=positive_int, default=1000, help="evaluation pairs for the mIoU columns (default: %(default)s)"
     )
-    p.add_argument("--sqnr-pairs", type=int, default=32, help="pairs for the SQNR columns (default: %(default)s)")
+    p.add_argument("--sqnr-pairs", type=positive_int, default=32, help="pairs for the SQNR columns (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write the JSON and the plot")
     p.set_defaults(func=_run_analyze)
 
@@ -621,12 +685,18 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from quantize.calibration.calibrate import calibration_batch
     from quantize.calibration.sensitivity import analyze, format_sensitivity, plot_sensitivity, save_json
 
+    from quantize.file_kinds import is_json_object, is_png
+    from quantize.outputs import check_output_file
+
+    out = Path(args.out or args.quantized)
+    flag = "--out" if args.out else "--quantized"
+    check_output_file(out / "sensitivity.json", flag, (".json",), is_json_object, "sensitivity report")
+    check_output_file(out / "sensitivity.png", flag, (".png",), is_png, "PNG")
     model, recipe, _ = load_quantized(args.quantized)
     dataset = _dataset(args, model.config)
     pairs = calibration_batch(dataset, args.sqnr_pairs)
     result = analyze(model, (pairs.images, pairs.input_ids, pairs.attention_mask), dataset, args.limit, progress=True)
     result.update(method=recipe.method, bits=recipe.bits, split=args.split)
-    out = Path(args.out or args.quantized)
     out.mkdir(parents=True, exist_ok=True)
     save_json(result, out / "sensitivity.json")
     plot_sensitivity(result, out / "sensitivity.png", f"{recipe.method} {recipe.bits} on {args.dataset} {args.split}")
@@ -661,9 +731,26 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from demo.segment import png_path, save_overlay, segment
+    from demo.segment import save_overlay, segment
+    from quantize.file_kinds import is_png
+    from quantize.outputs import check_output_file
 
-    png_path(args.out)  # refuse a wrong output before the model runs
+    check_output_file(args.out, "--out", (".png",), is_png, "PNG")  # refused before the model runs
+    if not Path(args.image).is_file():
+        what = "a folder" if Path(args.image).is_dir() else "not found"
+        raise UserError(f"--image {args.image}: {what}; give a photo file (any format Pillow reads)")
+    if args.backend == "pte" and not args.pte:
+        raise UserError("--backend pte needs the program: add --pte X.pte (from `ptq4ris export-pte`)")
+    if args.backend == "coreml-interp" and not args.coreml:
+        raise UserError("--backend coreml-interp needs the package: add --coreml X.mlpackage")
+    if args.backend == "pte":
+        _check_program_input(args.pte, "--pte")
+    if args.backend == "coreml-interp":
+        _check_program_input(args.coreml, "--coreml")
+    if args.quantized:
+        from quantize.calibration.artifact import check_quantized
+
+        check_quantized(args.quantized)
     result = segment(
         args.image,
         args.text,
@@ -705,11 +792,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    "(default: %(default)s)")  # fmt: skip
     p.add_argument("--compare-bits", default="w4a4", help="a second, simulated-only setting for the gallery, the "
                    "activation figures and the sensitivity plot (default: %(default)s)")  # fmt: skip
-    p.add_argument("--limit", type=int, default=1000, help="val pairs scored by the float, simulated and .pte "
+    p.add_argument("--limit", type=positive_int, default=1000, help="val pairs scored by the float, simulated and .pte "
                    "models (default: %(default)s; ShapesRef val has 6,345)")  # fmt: skip
-    p.add_argument("--coreml-limit", type=int, default=100, help="val pairs for the Core ML interpreter "
+    p.add_argument("--coreml-limit", type=positive_int, default=100, help="val pairs for the Core ML interpreter "
                    "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--arm-limit", type=int, default=8, help="val pairs on emulated ARM (default: %(default)s)")
+    p.add_argument("--arm-limit", type=positive_int, default=8, help="val pairs on emulated ARM (default: %(default)s)")
     p.add_argument("--no-arm", action="store_true", help="skip the emulated-ARM parity (it runs when the aarch64 "
                    "runner is built: `make system-tools`, then `python -m mobile_runtime.native_runner build --target "
                    "aarch64`)")  # fmt: skip
@@ -722,7 +809,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from demo.pipeline import DemoConfig, run_demo
-
     cfg = DemoConfig(
         out=Path(args.out), data=Path(args.data), bits=args.bits, compare_bits=args.compare_bits, limit=args.limit,
         coreml_limit=args.coreml_limit, arm=not args.no_arm, build_arm=args.build_arm, arm_limit=args.arm_limit,
@@ -747,14 +833,21 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ptq4ris",
         description="PTQ4RIS for phones: referring image segmentation models (LAVT) quantized on the host and "
         "exported for Android (ExecuTorch) and iPhone (Core ML). Start with `ptq4ris data synth` to write the "
         "ShapesRef benchmark, `ptq4ris evaluate` to score the embedded lavt-tiny model on it, and `ptq4ris "
         "calibrate` to quantize it.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log at INFO level and show third-party warnings too"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error that is reported as a user's mistake (also: PTQ4RIS_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data = sub.add_parser("data", help="data sets: write ShapesRef", description="Data set tools.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -771,15 +864,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_text(argv: list[str]) -> None:
+    """Text that did not decode as UTF-8 arrives as lone surrogates; the tokenizer would see garbage."""
+    for i, arg in enumerate(argv):
+        if arg == "--text" and i + 1 < len(argv) or arg.startswith("--text="):
+            text = argv[i + 1] if arg == "--text" else arg.split("=", 1)[1]
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError("--text is not valid UTF-8: pass the sentence in UTF-8 (check the terminal's locale)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"ptq4ris: error: {e}", file=sys.stderr)
-        return 2
+    if not args.verbose:
+        from .quiet import quiet_known_chatter
+
+        quiet_known_chatter()
+
+    def command() -> int:
+        _check_text(argv)
+        return args.func(args)
+
+    return run_guarded(command, debug)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ place when complete; on any error the temporary is removed and the old content s
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,23 +43,9 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
-@contextmanager
-def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """Yields a not-yet-existing temporary path for the block to create ``path``'s folder at; it then replaces
-    ``path`` (an existing folder is moved aside first and removed once the new one is in place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        new = staging / path.name
-        yield new
-        if path.exists():
-            os.replace(path, staging / "old")
-        try:
-            os.replace(new, path)
-        except BaseException:
-            if (staging / "old").exists() and not path.exists():
-                os.replace(staging / "old", path)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def atomic_folder(path: str | Path, kind: str | None = None, recognise=None, **manifest_fields):
+    """Write a folder atomically and safely: see :func:`quantize.outputs.replace_folder` (yields a not-yet-existing
+    path to create the folder at; an existing ``path`` is replaced only if ptq4ris wrote it as ``kind``)."""
+    from .outputs import replace_folder
+
+    return replace_folder(path, kind, recognise, **manifest_fields)

@@ -22,12 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_file
-from .data.preprocess import Tokenizer, normalize_image
+from .data.preprocess import normalize_image
 from .data.refer import ReferDataset
+from .data.splits import open_split
 from .models.checkpoint import load_state_dict_checked, save_state_dict
-from .models.registry import build_model, text_encoder_dir
+from .models.registry import build_model
 
-__all__ = ["TrainConfig", "preload_split", "train"]
+__all__ = ["TRAINING_KIND", "TrainConfig", "preload_split", "train"]
+
+# The kind recorded in a training folder's manifest: only such a folder is resumed into.
+TRAINING_KIND = "training"
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +97,17 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Train and return the path of the weights file (non-text weights, safetensors)."""
-    out = Path(cfg.out_dir)
+    from .outputs import MANIFEST, check_output_folder, write_manifest
+
+    out = check_output_folder(cfg.out_dir, "--out", TRAINING_KIND)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST).exists():
+        write_manifest(out, TRAINING_KIND)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, pretrained=False)
     mcfg = model.config
-    tokenizer = Tokenizer(text_encoder_dir(), mcfg.preprocess.max_tokens)
-    dataset = ReferDataset(cfg.data_root, "shapesref", "unc", "train", tokenizer, mcfg.swin.img_size)
+    dataset = open_split(cfg.data_root, "shapesref", "unc", "train", mcfg)
     t0 = time.time()
     data = preload_split(dataset, progress=progress)
     logger.info("preloaded %d pairs, %d images in %.1fs", len(dataset), len(data["images"]), time.time() - t0)

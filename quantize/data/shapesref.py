@@ -315,6 +315,39 @@ def _iter_scenes(seed: int, split: str, count: int, workers: int) -> Iterator[tu
             yield from result
 
 
+def _is_shapesref(folder: Path) -> bool:
+    """``folder/meta.json`` is the one this generator writes (the folders it may replace carry it)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "generator_version" in meta and "split_scenes" in meta
+
+
+def check_shapesref_root(root: str | Path, flag: str = "--out") -> Path:
+    """Refuse, before rendering, a refer root where writing ShapesRef would destroy what it did not write: a file, an
+    unwritable folder, or ``shapesref/`` / ``images/shapesref/`` folders without this generator's ``meta.json``
+    (a refer root may hold RefCOCO beside them: those are never touched)."""
+    from ..outputs import check_output_folder
+
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{flag} {root} is a file; give a folder to write ShapesRef into (a refer root)")
+    ours = _is_shapesref(root / "shapesref")
+    for sub in (root / "shapesref", root / "images" / "shapesref"):
+        if sub.exists() and (not sub.is_dir() or (any(sub.iterdir()) and not ours)):
+            raise UserError(
+                f"{flag} {root}: {sub} exists and was not written by `ptq4ris data synth`; ptq4ris will not replace "
+                f"it: move it away or choose another {flag}"
+            )
+    if root.exists():
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {root}: no permission to write in it; choose a writable folder")
+    else:
+        check_output_folder(root, flag, "refer root")
+    return root
+
+
 def write_shapesref(
     root: str | Path,
     seed: int = 0,
@@ -335,6 +368,7 @@ def write_shapesref(
             raise UserError(f"unknown ShapesRef split {split!r}; expected some of {sorted(SPLIT_OBJECTS)}")
         if count <= 0:
             raise UserError(f"scene count for {split} must be positive, got {count}")
+    check_shapesref_root(root)
     meta = {"generator_version": GENERATOR_VERSION, "seed": seed, "split_scenes": split_scenes}
     meta_path = root / "shapesref" / "meta.json"
     if meta_path.is_file():
