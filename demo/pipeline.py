@@ -10,7 +10,7 @@ Steps (each cached in ``OUT/steps/``; a second run reuses what finished):
 4. the ``.pte`` programs (full model, and the float one for size and speed) and the ``.mlpackage``, converted from the
    same calibrated graph. Android gets the stage programs its app loads (text: ids → word features; visual: image +
    features → mask), lowered in two child processes beside the Core ML conversion and the second calibration (the
-   lowering is single-threaded Python for most of its time);
+   lowering is single-threaded Python for most of its time), each writing its own lowering report, merged here;
 5. parity against the simulated model: the ``.pte`` on the host runtime, the package in the MIL interpreter, and the
    ``.pte`` on emulated ARM (qemu) when the cross tools are installed;
 6. host latency (float vs int8 ``.pte``, interleaved), sensitivity by modality, activation figures, the gallery;
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from .cache import StepCache, digest
 from quantize.errors import UserError
+
+from .cache import StepCache, digest
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -136,16 +137,6 @@ class _Elapsed:
         self.bar.close()
 
 
-def _dataset(data: Path, split: str, cfg):
-    from quantize.data.preprocess import Tokenizer
-    from quantize.data.refer import ReferDataset
-    from quantize.models.registry import text_encoder_dir
-
-    return ReferDataset(
-        data, "shapesref", "unc", split, Tokenizer(text_encoder_dir(), cfg.preprocess.max_tokens), cfg.swin.img_size
-    )
-
-
 def _write_data(cfg: DemoConfig) -> dict:
     """ShapesRef train (the scenes calibration draws from) and val, reusing a ShapesRef already at ``cfg.data`` that
     holds them: scenes are a function of (seed, split, index), so a larger train split starts with the same ones."""
@@ -168,9 +159,11 @@ def _write_data(cfg: DemoConfig) -> dict:
 
 
 def _evaluate(model, cfg: DemoConfig, label: str) -> dict:
+    from quantize.data import open_split
     from quantize.evaluate import evaluate
 
-    result = evaluate(model, _dataset(cfg.data, "val", model.config), limit=cfg.limit, progress=cfg.progress)
+    val = open_split(cfg.data, "shapesref", "unc", "val", model.config)
+    result = evaluate(model, val, limit=cfg.limit, progress=cfg.progress)
     _log(f"  {label}: mIoU {result['mIoU']:.2f}, oIoU {result['oIoU']:.2f} on {result['pairs']} val pairs")
     return result
 
@@ -179,20 +172,23 @@ def _calibrate(cfg: DemoConfig, bits: str, out: Path) -> dict:
     from quantize.calibration.artifact import save_quantized
     from quantize.calibration.calibrate import calibrate, calibration_batch, calibration_record, default_everyday
     from quantize.calibration.recipe import make_recipe
+    from quantize.data import open_split
 
     recipe = make_recipe(METHOD, bits, **{"seed": cfg.seed, **cfg.recipe_overrides})
     model = cfg.float_model()
-    train = _dataset(cfg.data, "train", model.config)
+    train = open_split(cfg.data, "shapesref", "unc", "train", model.config)
     batch = calibration_batch(train, cfg.calib_size, default_everyday(recipe, cfg.everyday_expressions))
     quantized, report = calibrate(model, recipe, batch, progress=cfg.progress)
-    save_quantized(quantized.cpu(), recipe, out, MODEL, {"calibration": calibration_record(train, batch, report)})
+    record = {"calibration": calibration_record(train, batch, report)}
+    save_quantized(quantized.cpu(), recipe, out, MODEL, record, calibration_inputs=batch)
     return {"artifact": str(out), "method": METHOD, "bits": bits, "sites": report.sites, "seconds": report.seconds}
 
 
 class PteExport:
-    """The ``.pte`` programs lowered by ``ptq4ris export-pte`` in two child processes, one per stage program (the
-    visual one, and the text one followed by the float one), so that the slowest step of the demo uses both cores
-    while the main process converts the Core ML package and runs the second calibration."""
+    """The ``.pte`` programs lowered in two child processes (:mod:`demo.lower_pte`), one per stage program (the visual
+    one, and the text one followed by the float one), so that the slowest step of the demo uses both cores while the
+    main process converts the Core ML package and runs the second calibration. Each child writes the lowering report
+    of its own programs; :meth:`wait` merges them into ``<name>.lowering.json``."""
 
     JOBS = (("visual", ("--stages", "visual", "--no-float")), ("text", ("--stages", "text")))
 
@@ -200,13 +196,15 @@ class PteExport:
         self.paths = paths
         paths["log"].mkdir(parents=True, exist_ok=True)
         self.children: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.reports = {name: paths["log"] / f"export-pte-{name}.lowering.json" for name, _ in self.JOBS}
         # One intra-op thread each: the lowering is Python-bound and the main process needs the other core.
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for name, flags in self.JOBS:
+            self.reports[name].unlink(missing_ok=True)  # an earlier run's report must not pass for this one's
             log = paths["log"] / f"export-pte-{name}.log"
             cmd = [
-                sys.executable, "-m", "ptq4ris.cli", "export-pte", "--quantized", str(paths["artifact"]),
-                "--out", str(paths["pte"]), "--refer-root", str(cfg.data), *flags, "--json",
+                sys.executable, "-m", "demo.lower_pte", "--quantized", str(paths["artifact"]),
+                "--out", str(paths["pte"]), "--refer-root", str(cfg.data), "--report", str(self.reports[name]), *flags,
             ]  # fmt: skip
             with open(log, "w") as stream:
                 self.children[name] = subprocess.Popen(cmd, stdout=stream, stderr=subprocess.STDOUT, env=env), log
@@ -218,12 +216,20 @@ class PteExport:
             if code != 0:
                 log = self.children[name][1]
                 raise RuntimeError(
-                    f"`ptq4ris export-pte` ({name}) failed (exit {code}); its log: {log}\n{log.read_text()[-3000:]}"
+                    f"lowering the {name} .pte failed (exit {code}); its log: {log}\n{log.read_text()[-3000:]}"
                 )
+        from mobile_runtime.export_pte import merge_reports, program_paths
         from mobile_runtime.runtime import program_bytes
+        from quantize.atomic import write_atomic
 
+        programs = program_paths(self.paths["pte"])
+        lowering = None
+        for name, _ in self.JOBS:
+            report = json.loads(self.reports[name].read_text())
+            lowering = report if lowering is None else merge_reports(lowering, report, programs)
+        write_atomic(self.paths["lowering"], json.dumps(lowering, indent=2).encode())
         return {
-            "lowering": json.loads(self.paths["lowering"].read_text()),
+            "lowering": lowering,
             "bytes": {"int8": program_bytes(self.paths["pte"]), "float": program_bytes(self.paths["pte_float"])},
         }
 
@@ -248,9 +254,10 @@ def _export_coreml(cfg: DemoConfig, paths: dict[str, Path]) -> dict:
 
 def _parity(cfg: DemoConfig, paths: dict[str, Path], backend: str) -> dict:
     from quantize.calibration.artifact import load_quantized
+    from quantize.data import open_split
 
     model = load_quantized(paths["artifact"])[0]
-    val = _dataset(cfg.data, "val", model.config)
+    val = open_split(cfg.data, "shapesref", "unc", "val", model.config)
     if backend == "pte":
         from mobile_runtime.parity import run_parity
 
@@ -298,14 +305,18 @@ def _sensitivity(cfg: DemoConfig, artifact: Path) -> dict:
     from quantize.calibration.artifact import load_quantized
     from quantize.calibration.calibrate import calibration_batch
     from quantize.calibration.sensitivity import analyze
+    from quantize.data import open_split
 
     model = load_quantized(artifact)[0]
-    pairs = calibration_batch(_dataset(cfg.data, "train", model.config), 4)
-    val = _dataset(cfg.data, "val", model.config)
+    pairs = calibration_batch(open_split(cfg.data, "shapesref", "unc", "train", model.config), 4)
+    val = open_split(cfg.data, "shapesref", "unc", "val", model.config)
     return analyze(
         model, (pairs.images, pairs.input_ids, pairs.attention_mask), val, limit=min(cfg.limit, 100),
         progress=cfg.progress,
     )  # fmt: skip
+
+
+DEMO_KIND = "demo"
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -314,12 +325,20 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     for bits in (cfg.bits, cfg.compare_bits):
         if bits not in BIT_SETTINGS:
-            raise UserError(f"unknown bit setting {bits!r}: choose one of {', '.join(BIT_SETTINGS)}")
+            raise UserError(f"--bits/--compare-bits {bits!r}: choose one of {', '.join(BIT_SETTINGS)}")
     if cfg.limit < 1 or cfg.coreml_limit < 1 or cfg.arm_limit < 1:
         raise UserError("--limit, --coreml-limit and --arm-limit must be positive")
+    from quantize.data.shapesref import check_shapesref_root
+    from quantize.outputs import MANIFEST, check_output_folder, write_manifest
+
+    # Checked before any step runs: a demo folder is resumed or replaced only if the demo wrote it.
+    check_output_folder(cfg.out, "--out", DEMO_KIND)
+    check_shapesref_root(cfg.data, "--data")
     start = time.perf_counter()
     paths = cfg.paths()
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    if not (Path(cfg.out) / MANIFEST).exists():
+        write_manifest(Path(cfg.out), DEMO_KIND)
     cache = StepCache(paths["steps"], log=_log)
     torch.manual_seed(cfg.seed)
     settings = {k: str(getattr(cfg, k)) for k in SETTINGS}

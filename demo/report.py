@@ -131,10 +131,9 @@ def write_report(cfg, paths: dict[str, Path], results: dict[str, dict], seconds:
         results["sensitivity"], figures / "sensitivity.png", f"{compare_recipe.method} {compare_recipe.bits}"
     )
     from quantize.calibration.calibrate import calibration_batch
+    from quantize.data import open_split
 
-    from .pipeline import _dataset
-
-    train = _dataset(cfg.data, "train", model.config)
+    train = open_split(cfg.data, "shapesref", "unc", "train", model.config)
     pairs = calibration_batch(train, 8)
     activations = {}
     for label, net in ((cfg.compare_bits, compare), (cfg.bits, model)):
@@ -192,13 +191,13 @@ def write_report(cfg, paths: dict[str, Path], results: dict[str, dict], seconds:
 
 
 def _gallery(cfg, paths, results, model, compare) -> list:
-    from mobile_runtime.parity import natural_photo_pairs
     from mobile_runtime.runtime import load_full_model
+    from quantize.data import open_split
+    from quantize.deploy.parity_stats import natural_photo_pairs
 
     from .gallery import gallery_rows
-    from .pipeline import _dataset
 
-    val = _dataset(cfg.data, "val", model.config)
+    val = open_split(cfg.data, "shapesref", "unc", "val", model.config)
     worst = [w["pair"] for w in (_val_set(results["parity_pte"]) or {}).get("worst_pairs", [])][:4]
     photos = list(natural_photo_pairs(val.tokenizer, model.config.swin.img_size))
     photo_worst = {w["pair"] for w in (_photo_set(results["parity_pte"]) or {}).get("worst_pairs", [])[:2]}

@@ -1,7 +1,7 @@
 """From a calibrated artifact to Core ML packages (``.mlpackage``, ML program) for iPhone.
 
 The quantized packages are converted from the same converted PT2E graph the ``.pte`` is lowered from
-(:func:`mobile_runtime.export_pte.calibrated_graph`), so both backends carry the same calibrated scales: activation
+(:func:`quantize.deploy.graph.calibrated_graph`), so both backends carry the same calibrated scales: activation
 grids become Core ML ``quantize``/``dequantize`` ops, weights ``constexpr_blockwise_shift_scale`` ops over int8 data,
 and 4-bit weights are re-typed to int4 (iOS18) by :mod:`ios_export.int4_weights`. The float package takes the same
 path without quantization. Every package declares int32 token inputs and a float32 output whatever the compute
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from quantize.errors import UserError
 
 __all__ = ["PRECISIONS", "TARGETS", "export_artifact", "export_package", "package_paths", "weight_bytes"]
@@ -87,7 +88,7 @@ def export_package(
     """Convert one program (a float ``Stage`` or a converted PT2E graph) to a Core ML ``MLModel``."""
     import coremltools as ct
 
-    from mobile_runtime.export_pte import STAGES
+    from quantize.deploy.stages import STAGES
 
     if target not in TARGETS:
         raise UserError(f"unknown --target {target!r}: choose {' or '.join(TARGETS)}")
@@ -146,17 +147,11 @@ def export_artifact(
         output_observer: how GEMM output ranges are observed (``histogram`` or ``minmax``).
         split_outputs: give the massive output channels of a GEMM their own int8 output range, as for the ``.pte``.
     """
-    from mobile_runtime.export_pte import (
-        STAGES,
-        Stage,
-        _calibration_data,
-        _float_copy,
-        calibrated_graph,
-        stage_inputs,
-        table_bits,
-    )
     from quantize.atomic import atomic_folder, write_atomic
     from quantize.calibration.artifact import load_quantized
+    from quantize.deploy.graph import calibrated_graph, calibration_inputs, table_bits
+    from quantize.deploy.stages import STAGES, float_stage, stage_inputs
+    from quantize.file_kinds import is_mlpackage
 
     out = Path(out)
     if out.suffix != ".mlpackage":
@@ -170,7 +165,7 @@ def export_artifact(
         raise UserError(
             f"{recipe.bits.upper()} stores its weights in int4, which Core ML supports from iOS18: use --target iOS18"
         )
-    calib = _calibration_data(model, config, refer_root, calib_pairs)
+    calib = calibration_inputs(model, config, refer_root, calib_pairs)
     paths = package_paths(out)
     recipe_info = {"method": recipe.method, "bits": recipe.bits}
     report = {
@@ -191,10 +186,10 @@ def export_artifact(
                 model, stage, pairs[0], pairs, output_observer, table_bits(recipe), split_outputs
             )
         else:
-            module = Stage(_float_copy(model), stage).eval()
+            module = float_stage(model, stage)
         mlmodel = export_package(module, stage, pairs[0], target, precision, int4_weights=int4 and quantized)
         _metadata(mlmodel, stage, quantized, recipe_info, config.get("model", "lavt"), precision)
-        with atomic_folder(paths[name]) as tmp:
+        with atomic_folder(paths[name], recognise=is_mlpackage) as tmp:
             mlmodel.save(str(tmp))
         ops: dict[str, int] = {}
         for op in mlmodel._mil_program.functions["main"].operations:

@@ -2,7 +2,7 @@
 
 The package is executed by :class:`~ios_export.mil_interpreter.MilInterpreter` (fp16 storage emulated when the package
 computes in fp16) on the same inputs as the simulated model — every pair of a refer split and natural photographs —
-with the statistics of :mod:`mobile_runtime.parity`. Stage packages found beside the full one are checked on their
+with the statistics of :mod:`quantize.deploy.parity_stats`. Stage packages found beside the full one are checked on their
 own. :func:`first_divergence` names the first op whose output departs from the converted PT2E graph it came from.
 """
 
@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .mil_interpreter import MilInterpreter, load_program
+from quantize.deploy.parity_stats import ParityAccumulator, parity_report
 from quantize.errors import UserError
+
+from .mil_interpreter import MilInterpreter, load_program
 
 __all__ = ["CoreMLProgram", "first_divergence", "run_parity", "stage_parity"]
 
@@ -46,8 +48,6 @@ def run_parity(
     progress: bool = False,
 ) -> dict[str, Any]:
     """End-to-end parity of a full-model package, plus the stage packages beside it when they exist."""
-    from mobile_runtime.parity import parity_report
-
     from .export_coreml import package_paths
 
     program = CoreMLProgram(package)
@@ -62,8 +62,6 @@ def run_parity(
 def stage_parity(simulated: torch.nn.Module, text: Path, visual: Path, dataset, limit: int = 64) -> dict[str, Any]:
     """Each stage package alone, fed the simulated model's own inputs for that stage: the text package's features
     against the simulated text encoder's, and the visual package's masks given the simulated word features."""
-    from mobile_runtime.parity import ParityAccumulator
-
     text_program, visual_program = CoreMLProgram(text), CoreMLProgram(visual)
     # Word features at padding positions are computed but masked out by every consumer; only real tokens count.
     max_diff, sum_diff, count, scale = 0.0, 0.0, 0, 0.0

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from quantize.deploy.parity_stats import lsb, natural_photo_pairs, parity_on_dataset, parity_on_pairs
+
 from .native_runner import NativeRunner
-from .parity import lsb, natural_photo_pairs, parity_on_dataset, parity_on_pairs
 from .runtime import load_full_model, stage_paths
 
 __all__ = ["ArmVsX86", "arm_parity"]

@@ -37,16 +37,12 @@ def _parity_cell(name: str, pte: Path, artifact: Path, refer_root: str, cache: P
         report = json.loads(cell.read_text())
     else:
         from quantize.calibration.artifact import load_quantized
-        from quantize.data.preprocess import Tokenizer
-        from quantize.data.refer import ReferDataset
-        from quantize.models.registry import text_encoder_dir
+        from quantize.data import open_split
 
         from .parity import run_parity
 
         model, recipe, _ = load_quantized(artifact)
-        cfg = model.config
-        tokenizer = Tokenizer(text_encoder_dir(), cfg.preprocess.max_tokens)
-        val = ReferDataset(refer_root, "shapesref", "unc", "val", tokenizer, cfg.swin.img_size)
+        val = open_split(refer_root, "shapesref", "unc", "val", model.config)
         report = run_parity(model, str(pte), val, progress=True)
         report["recipe"] = f"{recipe.method} {recipe.bits}"
         write_atomic(cell, json.dumps(report, indent=2, default=str).encode())

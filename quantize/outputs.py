@@ -110,10 +110,10 @@ def check_output_file(
     """Check, before any work, that ``path`` may receive a ``what`` file: its suffix is one of ``suffixes``, it is not
     a folder, and an existing file there is of the same kind (``recognise``) so replacing it destroys nothing else."""
     path = Path(path)
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise UserError(f"{flag} {path}: name a {' or '.join(suffixes)} file (e.g. {path.with_suffix(suffixes[0])})")
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; name a {suffixes[0] if suffixes else ''} file inside it instead")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UserError(f"{flag} {path}: name a {' or '.join(suffixes)} file (e.g. {path.with_suffix(suffixes[0])})")
     if path.exists():
         if recognise is not None and not recognise(path):
             raise UserError(f"{flag} {path} exists and is not a {what} ptq4ris wrote; ptq4ris will not replace "

@@ -174,16 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache)
     if not args.render_only:
         from .calibration.calibrate import calibration_batch
-        from .data.preprocess import Tokenizer
-        from .data.refer import ReferDataset
+        from .data import open_split
         from .evaluate import evaluate
-        from .models.registry import build_model, text_encoder_dir
+        from .models.registry import build_model
 
         model = build_model("lavt-tiny")
-        cfg = model.config
-        tok = Tokenizer(text_encoder_dir(), cfg.preprocess.max_tokens)
-        val = ReferDataset(args.refer_root, "shapesref", "unc", "val", tok, cfg.swin.img_size)
-        train = ReferDataset(args.refer_root, "shapesref", "unc", "train", tok, cfg.swin.img_size)
+        val = open_split(args.refer_root, "shapesref", "unc", "val", model.config)
+        train = open_split(args.refer_root, "shapesref", "unc", "train", model.config)
         calib = calibration_batch(train, 32)
         fp_file = cache / "fp-fp.json"
         if not fp_file.is_file() and (not args.only or "fp" in args.only):

@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from mobile_runtime.export_pte import program_paths, stage_inputs
+from mobile_runtime.export_pte import program_paths
 from mobile_runtime.native_runner import RunResult, read_outputs, write_inputs
-from mobile_runtime.parity import NATURAL_PHOTOS, ParityAccumulator, lsb, natural_photo_pairs
 from mobile_runtime.runtime import load_full_model, stage_paths
+from quantize.deploy.parity_stats import NATURAL_PHOTOS, ParityAccumulator, lsb, natural_photo_pairs
+from quantize.deploy.stages import stage_inputs
 
 
 class EmulatedPhone:
@@ -100,16 +101,11 @@ class AdbPhone:
 
 def _pairs(model, config, refer_root: str, count: int, photos: int):
     """(set, name, image, ids, mask) for the first ``count`` val pairs and the first ``photos`` natural photographs."""
-    from quantize.data.preprocess import Tokenizer
-    from quantize.data.refer import ReferDataset
-    from quantize.models.registry import text_encoder_dir
+    from quantize.data import open_split
 
     calib = config.get("calibration", {})
-    tokenizer = Tokenizer(text_encoder_dir(), model.config.preprocess.max_tokens)
-    data = ReferDataset(
-        refer_root, calib.get("dataset", "shapesref"), calib.get("split_by", "unc"), "val", tokenizer,
-        model.config.swin.img_size,
-    )  # fmt: skip
+    data = open_split(refer_root, calib.get("dataset", "shapesref"), calib.get("split_by", "unc"), "val", model.config)
+    tokenizer = data.tokenizer
     pairs = []
     for i in range(min(count, len(data))):
         item = data[i]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from quantize.calibration.artifact import QuantizedArtifactError, load_quantized, save_quantized
+from quantize.calibration.artifact import load_calibration_inputs, QuantizedArtifactError, load_quantized, save_quantized
 from quantize.calibration.calibrate import CalibrationBatch, calibrate
 from quantize.calibration.placement import (
     QuantMatMul,
@@ -257,8 +257,16 @@ def test_calibration_is_deterministic_and_round_trips(tiny, batch, tmp_path):
     assert agreement > 0.97
 
     out = tmp_path / "w8a8"
-    save_quantized(q1, recipe, out, "lavt-tiny", {"calibration": {"pairs": 4}})
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "qparams.json"]
+    save_quantized(q1, recipe, out, "lavt-tiny", {"calibration": {"pairs": 4}}, calibration_inputs=batch)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "calibration_inputs.safetensors",
+        "config.json",
+        "model.safetensors",
+        "ptq4ris-manifest.json",
+        "qparams.json",
+    ]
+    stored = load_calibration_inputs(out, tiny.config)
+    assert all(torch.equal(stored[k], getattr(batch, k)) for k in ("images", "input_ids", "attention_mask"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     loaded, loaded_recipe, config = load_quantized(out)
     assert loaded_recipe == recipe and config["calibration"]["pairs"] == 4
@@ -289,10 +297,7 @@ def test_artifact_errors(tmp_path):
         load_quantized(tmp_path / "nothing")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{}")
-    with pytest.raises(QuantizedArtifactError, match="model.safetensors is missing"):
-        load_quantized(tmp_path / "half")
-    (tmp_path / "half" / "model.safetensors").write_bytes(b"")
-    with pytest.raises(QuantizedArtifactError, match="format version"):
+    with pytest.raises(QuantizedArtifactError, match="no ptq4ris-manifest.json"):
         load_quantized(tmp_path / "half")
 
 

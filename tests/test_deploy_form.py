@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mobile_runtime.deploy_form import (
+from quantize.calibration.calibrate import CalibrationBatch, calibrate
+from quantize.calibration.placement import QuantMatMul, quantized_sites
+from quantize.calibration.quantizers import DrqSoftmaxQuantizer
+from quantize.calibration.recipe import make_recipe
+from quantize.data.preprocess import Tokenizer
+from quantize.deploy.deploy_form import (
     ActGrid,
     DrqSoftmaxForm,
     LoweringError,
@@ -14,11 +19,6 @@ from mobile_runtime.deploy_form import (
     simulate_streams,
     to_deploy_form,
 )
-from quantize.calibration.calibrate import CalibrationBatch, calibrate
-from quantize.calibration.placement import QuantMatMul, quantized_sites
-from quantize.calibration.quantizers import DrqSoftmaxQuantizer
-from quantize.calibration.recipe import make_recipe
-from quantize.data.preprocess import Tokenizer
 from quantize.models import build_model, text_encoder_dir
 
 SENTENCES = ["the red circle left of the blue square", "big green triangle", "second square from the left", "it"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from mobile_runtime.adb import Adb, AdbError, DeviceSession
-from mobile_runtime.parity import NATURAL_PHOTOS
 from mobile_runtime.runtime import stage_paths
+from quantize.deploy.parity_stats import NATURAL_PHOTOS
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_ADB = str(ROOT / "tests" / "fake_adb" / "adb")

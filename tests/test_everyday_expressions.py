@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mobile_runtime.export_pte import _calibration_data
-from mobile_runtime.parity import NATURAL_PHOTOS
 from quantize.calibration.calibrate import (
     CalibrationReport,
     calibrate,
@@ -18,10 +16,11 @@ from quantize.calibration.calibrate import (
 from quantize.calibration.everyday_expressions import EVERYDAY_EXPRESSIONS
 from quantize.calibration.placement import quantized_sites, set_quantization
 from quantize.calibration.recipe import make_recipe
-from quantize.data.preprocess import Tokenizer
-from quantize.data.refer import ReferDataset
+from quantize.data import open_split
 from quantize.data.shapesref import write_shapesref
-from quantize.models.registry import build_model, text_encoder_dir
+from quantize.deploy.graph import calibration_inputs
+from quantize.deploy.parity_stats import NATURAL_PHOTOS
+from quantize.models.registry import build_model
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +32,7 @@ def tiny():
 def train(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("refer")
     write_shapesref(root, seed=0, split_scenes={"train": 8})
-    tok = Tokenizer(text_encoder_dir(), tiny.config.preprocess.max_tokens)
-    return ReferDataset(root, "shapesref", "unc", "train", tok, tiny.config.swin.img_size)
+    return open_split(root, "shapesref", "unc", "train", tiny.config)
 
 
 def test_everyday_expressions_follow_the_split_pairs(train):
@@ -62,7 +60,7 @@ def test_everyday_expressions_by_default_only_at_8_bit_activations():
 
 def test_export_observes_output_ranges_on_the_same_pairs(tiny, train):
     config = {"calibration": {"dataset": "shapesref", "split_by": "unc", "split": "train", "everyday_expressions": 3}}
-    pairs = _calibration_data(tiny, config, train.refer_root, 4)
+    pairs = calibration_inputs(tiny, config, train.refer_root, 4)
     batch = calibration_batch(train, 4, everyday=3)
     assert len(pairs) == 7
     assert all(torch.equal(ids[0], batch.input_ids[i]) for i, (_, ids, _) in enumerate(pairs))

@@ -162,14 +162,14 @@ def test_first_divergence_names_where_a_package_departs(packages, refer_root):
     import torch
 
     from ios_export.parity import first_divergence
-    from mobile_runtime.export_pte import Stage, _float_copy
     from quantize.calibration.artifact import load_quantized
+    from quantize.deploy.stages import float_stage
 
     model, _, _ = load_quantized(packages["w8"])
     image = torch.randn(1, 3, model.config.swin.img_size, model.config.swin.img_size)
     ids = torch.tensor([[101, 1996, 2417, 4418, 102] + [0] * 15])
     mask = (ids > 0).long()
-    report = first_divergence(packages["out8"], Stage(_float_copy(model), "full").eval(), (image, ids, mask), 1e-3)
+    report = first_divergence(packages["out8"], float_stage(model, "full"), (image, ids, mask), 1e-3)
     assert report["first"] is not None and report["matched_ops"] > 10
 
 

@@ -13,17 +13,17 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mobile_runtime.export_pte import merge_reports, program_paths
 from mobile_runtime.lowering_report import format_report
 from mobile_runtime.runtime import PteInputError, PteProgram
+from ptq4ris.cli import main
 from quantize.calibration.artifact import save_quantized
 from quantize.calibration.calibrate import calibrate, calibration_batch
 from quantize.calibration.recipe import make_recipe
-from ptq4ris.cli import main
-from quantize.data.preprocess import Tokenizer
-from quantize.data.refer import ReferDataset
+from quantize.data import open_split
 from quantize.data.shapesref import write_shapesref
 from quantize.models.lavt import LAVT
-from quantize.models.registry import build_model, text_encoder_dir
+from quantize.models.registry import build_model
 
 
 def small_model() -> LAVT:
@@ -47,7 +47,7 @@ def refer_root(tmp_path_factory):
 def _artifact(root, out, method: str, bits: str = "w8a8"):
     model = small_model()
     cfg = model.config
-    train = ReferDataset(root, "shapesref", "unc", "train", Tokenizer(text_encoder_dir(), 20), cfg.swin.img_size)
+    train = open_split(root, "shapesref", "unc", "train", cfg)
     recipe = make_recipe(method, bits, search="none", text_groups=4, pwam_groups=2)
     quantized, _ = calibrate(model, recipe, calibration_batch(train, 4))
     calib = {"calibration": {"dataset": "shapesref", "split_by": "unc", "split": "train", "pairs": 4}}
@@ -192,3 +192,17 @@ def test_benchmark_prints_ratios_measured_in_one_run(exported, capsys):
     assert "threads=1" in text and "size ratio" in text
     int8_row = next(line for line in text.splitlines() if line.startswith("int8") and "." in line.split()[1])
     assert 0 < float(int8_row.split()[2]) < 0.5  # the size ratio of the int8 program
+
+
+def test_reports_of_side_by_side_exports_merge_into_one(tmp_path):
+    """The demo's children each write the report of their own programs; merged, they keep every program whose file
+    is there, and a report of another lowering is not mixed in."""
+    paths = program_paths(tmp_path / "model.pte")
+    for name in ("visual", "text", "float"):
+        paths[name].write_bytes(b"program")
+    settings = {"version": 1, "artifact": "a", "output_observer": "histogram", "output_split": True}
+    visual = {**settings, "programs": {"visual": {"bytes": 1}, "full": {"bytes": 9}}}  # full.pte is not there
+    text = {**settings, "programs": {"text": {"bytes": 2}, "float": {"bytes": 3}}}
+    assert set(merge_reports(visual, text, paths)["programs"]) == {"visual", "text", "float"}
+    other = {**visual, "output_observer": "minmax"}
+    assert merge_reports(other, text, paths) == text

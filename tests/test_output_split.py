@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mobile_runtime.deploy_form import ActGrid, QuantStream, WeightGrid, simulate_streams, to_deploy_form
-from mobile_runtime.export_pte import Stage, calibrated_graph
-from mobile_runtime.output_split import OutputSplitStream, outlier_output_channels
 from quantize.calibration.calibrate import CalibrationBatch, calibrate
 from quantize.calibration.recipe import make_recipe
 from quantize.data.preprocess import Tokenizer
+from quantize.deploy.deploy_form import ActGrid, QuantStream, WeightGrid, simulate_streams, to_deploy_form
+from quantize.deploy.graph import calibrated_graph
+from quantize.deploy.output_split import OutputSplitStream, outlier_output_channels
+from quantize.deploy.stages import Stage
 from quantize.models import build_model, text_encoder_dir
 
 SENTENCES = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mobile_runtime.parity import ParityAccumulator, format_parity
+from quantize.deploy.parity_stats import ParityAccumulator, format_parity
 
 
 def _logits(mask: torch.Tensor, margin: float = 2.0) -> torch.Tensor:

@@ -324,6 +324,22 @@ def _is_shapesref(folder: Path) -> bool:
     return isinstance(meta, dict) and "generator_version" in meta and "split_scenes" in meta
 
 
+# ShapesRef is rendered under ``<root>/.shapesref-staging-<pid>-*`` and moved into place when complete.
+_STAGING = ".shapesref-staging-"
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Remove what a killed ``data synth`` left in ``root`` (its process is gone; a live one's work is kept)."""
+    for leftover in root.glob(f"{_STAGING}*"):
+        try:
+            pid = int(leftover.name[len(_STAGING) :].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
 def check_shapesref_root(root: str | Path, flag: str = "--out") -> Path:
     """Refuse, before rendering, a refer root where writing ShapesRef would destroy what it did not write: a file, an
     unwritable folder, or ``shapesref/`` / ``images/shapesref/`` folders without this generator's ``meta.json``
@@ -379,7 +395,8 @@ def write_shapesref(
         except json.JSONDecodeError:
             pass
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".shapesref-", dir=root))
+    _remove_stale_staging(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=root))
     try:
         ann_dir, img_dir = tmp / "shapesref", tmp / "images" / "shapesref"
         ann_dir.mkdir(parents=True)
@@ -462,8 +479,8 @@ def write_shapesref(
         # Move into place: replace any older ShapesRef folders.
         for sub in (os.path.join("images", "shapesref"), "shapesref"):  # meta.json last: it marks completion
             dest = root / sub
-            if dest.exists():
-                shutil.rmtree(dest)
+            if dest.exists():  # moved aside, not deleted first: removed with the staging folder once replaced
+                os.replace(dest, tmp / f"previous-{sub.replace(os.sep, '-')}")
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / sub, dest)
     finally:

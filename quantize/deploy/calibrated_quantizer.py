@@ -1,11 +1,11 @@
 """A torchao PT2E ``Quantizer`` that annotates the exported deploy form with the *calibrated* grids.
 
 Standard PT2E quantizers observe ranges themselves; this one fixes them: every GEMM/conv of a
-:class:`~mobile_runtime.deploy_form.QuantStream` gets its input grid and per-channel weight grid from calibration,
-and every ``bmm`` of a :class:`~mobile_runtime.deploy_form.DeployMatMul` its operand grids. The only observed ranges
+:class:`~quantize.deploy.deploy_form.QuantStream` gets its input grid and per-channel weight grid from calibration,
+and every ``bmm`` of a :class:`~quantize.deploy.deploy_form.DeployMatMul` its operand grids. The only observed ranges
 are those of the GEMM outputs: XNNPACK delegates a quantized GEMM only with a quantized output, so each GEMM output
 is re-quantized to int8 with a range observed on the calibration pairs (the one step the simulation does not
-have; parity measures its cost, and :mod:`~mobile_runtime.output_split` gives massive output channels their own
+have; parity measures its cost, and :mod:`~quantize.deploy.output_split` gives massive output channels their own
 range). One annotated graph serves both backends: the XNNPACK lowering and the Core ML
 conversion consume the same converted program.
 """
@@ -141,7 +141,7 @@ class CalibratedQuantizer(Quantizer):
     """Annotates the GEMMs and attention matmuls of an exported deploy-form model with their calibrated grids.
 
     Args:
-        deploy_model: the module returned by :func:`~mobile_runtime.deploy_form.to_deploy_form` that was exported.
+        deploy_model: the module returned by :func:`~quantize.deploy.deploy_form.to_deploy_form` that was exported.
         required: names of the sites the exported program must contain (default: all of them); validation fails
             if one was not found, so a renamed module cannot silently leave a layer in float.
         output_observer: how the int8 ranges of GEMM outputs are observed: ``histogram`` or ``minmax``.

@@ -14,7 +14,7 @@ have: DRQ's two regions, RORQ's channel groups. Each has an exact equivalent bui
 - element-wise RORQ tiers pick a grid per element, each grid covering its tier's values only; they are refused:
   calibrate with ``ptq4ris-deploy``, whose tier slices are the deployable equivalent.
 
-The streams compute in float here; :class:`~mobile_runtime.calibrated_quantizer.CalibratedQuantizer` annotates each
+The streams compute in float here; :class:`~quantize.deploy.calibrated_quantizer.CalibratedQuantizer` annotates each
 stream's GEMM with its grids so that PT2E conversion puts the calibrated scales, unchanged, into the graph. Weights
 are stored already on their grid (ŵ = s·clamp(round(w/s))), so re-quantizing them with the same scale is exact.
 Narrow grids (fewer than 8 bits) get an explicit float clamp to their range first, because the int8 container of the
@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantize.errors import UserError
 from quantize.calibration.placement import QuantMatMul, quantized_sites, set_submodule
 from quantize.calibration.quantizers import (
     DrqGeluQuantizer,
@@ -40,6 +39,7 @@ from quantize.calibration.quantizers import (
     TierQuantizer,
     UniformQuantizer,
 )
+from quantize.errors import UserError
 
 __all__ = [
     "ActGrid",
@@ -367,7 +367,7 @@ def to_deploy_form(calibrated: nn.Module) -> tuple[nn.Module, list[SiteLowering]
     """A copy of ``calibrated`` with every quantized site replaced by its stream form, and how each was lowered.
 
     The copy computes in float (the streams' inputs are clamped to their grids but not rounded): quantization comes
-    from :class:`~mobile_runtime.calibrated_quantizer.CalibratedQuantizer` during PT2E conversion.
+    from :class:`~quantize.deploy.calibrated_quantizer.CalibratedQuantizer` during PT2E conversion.
     """
     model = copy.deepcopy(calibrated).eval()
     records = []

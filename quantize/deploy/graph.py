@@ -1,0 +1,145 @@
+"""The calibrated graph: one stage of a calibrated model as the converted PT2E graph both backends lower.
+
+1. :func:`~quantize.deploy.deploy_form.to_deploy_form` rewrites the calibrated quantizers as integer-op streams;
+2. ``torch.export`` → torchao ``prepare_pt2e`` with :class:`~quantize.deploy.calibrated_quantizer.CalibratedQuantizer`
+   (calibrated grids fixed; GEMM output ranges observed on the calibration pairs) → ``convert_pt2e``.
+
+The ExecuTorch lowering (``mobile_runtime.export_pte``) and the Core ML conversion (``ios_export.export_coreml``) both
+start from :func:`calibrated_graph`, so the two carry the same calibrated scales.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantize.errors import MissingFileError, UserError
+
+from .deploy_form import DeployMatMul, QuantStream, SiteLowering, to_deploy_form
+from .output_split import split_output_outliers
+from .stages import Stage, in_stage
+
+__all__ = ["TABLE_GROUP", "calibrated_graph", "calibration_inputs", "table_bits"]
+
+# Values per scale of the 4-bit word table: 32 keeps the table's error below the 4-bit weights' (one group of a row
+# holds no outlier of another) for 1/8 of the table's bytes in fp32 scales.
+TABLE_GROUP = 32
+
+
+def calibrated_graph(
+    calibrated: nn.Module,
+    stage: str,
+    example: tuple[torch.Tensor, ...],
+    calib: list[tuple[torch.Tensor, ...]],
+    output_observer: str = "histogram",
+    table_bits: int = 8,
+    split_outputs: bool = True,
+) -> tuple[torch.fx.GraphModule, list[SiteLowering], dict[str, float]]:
+    """The converted PT2E graph of ``stage`` with the calibrated grids (the graph both backends lower).
+
+    ``table_bits``: the word table in 8 bits (one scale per row) or 4 bits (symmetric, one scale per group of
+    :data:`TABLE_GROUP` values; the W4 settings, where the 8-bit table would be 40% of the weights).
+    ``split_outputs``: GEMMs whose outputs have a few massive channels put them on their own int8 output range
+    (:mod:`~quantize.deploy.output_split`)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from .calibrated_quantizer import CalibratedQuantizer
+
+    if table_bits not in (4, 8):
+        raise UserError(f"table_bits must be 4 or 8, got {table_bits}")
+    seconds = {}
+    deploy, sites = to_deploy_form(calibrated)
+    if table_bits == 4:
+        _quantize_table_4bit(deploy)
+    program = Stage(deploy, stage).eval()
+    if split_outputs:
+        split_output_outliers(program, calib, sites)
+    t = time.perf_counter()
+    graph = torch.export.export(program, example).module()
+    seconds["export"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sites_in_program = [n for n, m in program.named_modules() if isinstance(m, (QuantStream, DeployMatMul))]
+    required = [n for n in sites_in_program if in_stage(n, stage)]
+    quantizer = CalibratedQuantizer(program, required=required, output_observer=output_observer)
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for inputs in calib:
+            prepared(*inputs)
+    converted = convert_pt2e(prepared)
+    seconds["quantize"] = time.perf_counter() - t
+    used = {
+        s.site
+        for s in sites
+        if any(k.startswith(f"model.{s.site}.") or k == f"model.{s.site}" for k in quantizer.annotated)
+    }
+    tables = [
+        SiteLowering(n, "embedding", "text", "uint8_per_row", "8-bit table (embedding_byte)", 1, "uint8 per row")
+        for n in quantizer.embeddings
+    ]
+    if table_bits == 4 and stage != "visual":
+        tables.append(
+            SiteLowering(
+                "text_encoder.embeddings.word_embeddings",
+                "embedding",
+                "text",
+                f"int4_group{TABLE_GROUP}",
+                "4-bit table (embedding_4bit)",
+                1,
+                f"int4 per group of {TABLE_GROUP}",
+            )
+        )
+    return converted, [s for s in sites if s.site in used] + tables, seconds
+
+
+def _quantize_table_4bit(deploy: nn.Module) -> None:
+    """The word table as torchao int4 groups, which ExecuTorch fuses into ``embedding_4bit`` and coremltools turns
+    into an int4 constexpr lookup table."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    def is_table(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Embedding) and name.endswith("word_embeddings")
+
+    for name, module in deploy.named_modules():
+        if is_table(module, name):
+            # padding_idx only shapes gradients, and ExecuTorch's embedding_4bit fusion matches the two-argument call.
+            module.padding_idx = None
+    quantize_(deploy, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(TABLE_GROUP)), is_table)
+
+
+def table_bits(recipe) -> int:
+    """The word table's bits for a recipe: 4 with 4-bit weights (where an 8-bit table would dominate the file), else 8."""
+    return 4 if recipe.weight_bits <= 4 else 8
+
+
+def calibration_inputs(
+    model: nn.Module, config: dict, refer_root: str | Path, pairs: int
+) -> list[tuple[torch.Tensor, ...]]:
+    """(image, input_ids, attention_mask) batches of one pair each: the first ``pairs`` pairs the artifact was
+    calibrated on (``config``: its ``config.json``), read again from its calibration split under ``refer_root``. The
+    GEMM output ranges of :func:`calibrated_graph` are observed on them."""
+    from quantize.calibration.calibrate import calibration_batch
+    from quantize.data import open_split
+
+    calib = config.get("calibration", {})
+    dataset, split_by, split = (
+        calib.get("dataset", "shapesref"),
+        calib.get("split_by", "unc"),
+        calib.get("split", "train"),
+    )
+    try:
+        data = open_split(refer_root, dataset, split_by, split, model.config)
+    except UserError as e:
+        # Say why an export needs data at all; the error already names the folder and the fix.
+        kind = MissingFileError if isinstance(e, FileNotFoundError) else UserError
+        raise kind(f"the int8 GEMM output ranges are observed on the artifact's calibration pairs: {e}") from e
+    # The pairs calibration used, everyday expressions included: their text GEMM outputs need covering ranges too.
+    everyday = calib.get("everyday_expressions", 0)
+    batch = calibration_batch(data, min(pairs, len({s.ref_id for s in data.samples})), everyday)
+    return [
+        (batch.images[i : i + 1], batch.input_ids[i : i + 1], batch.attention_mask[i : i + 1])
+        for i in range(len(batch))
+    ]
