@@ -1,6 +1,6 @@
 """One child process of the demo's ``.pte`` lowering (:class:`demo.pipeline.PteExport`)::
 
-    python -m demo.lower_pte --quantized DIR --out MODEL.pte --refer-root ROOT --report REPORT.json \\
+    python -m demo.lower_pte --quantized DIR --out MODEL.pte --report REPORT.json \\
         --stages visual [--no-float]
 
 It lowers as ``ptq4ris export-pte`` does, with the same defaults, but writes the lowering report of its own programs
@@ -20,7 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo.lower_pte", description=__doc__.split("\n\n")[0])
     p.add_argument("--quantized", required=True, help="folder written by `ptq4ris calibrate`")
     p.add_argument("--out", required=True, help="the full model's .pte; the programs are written beside it")
-    p.add_argument("--refer-root", required=True, help="refer root with the artifact's calibration split")
     p.add_argument("--report", required=True, help="where this child writes the report of its programs")
     p.add_argument("--stages", nargs="+", required=True, choices=["full", "text", "visual"])
     p.add_argument("--no-float", action="store_true", help="skip the float program")
@@ -31,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         export_artifact(
             args.quantized,
             args.out,
-            refer_root=args.refer_root,
             stages=tuple(args.stages),
             float_program=not args.no_float,
             report_path=args.report,

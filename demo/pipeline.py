@@ -204,7 +204,7 @@ class PteExport:
             log = paths["log"] / f"export-pte-{name}.log"
             cmd = [
                 sys.executable, "-m", "demo.lower_pte", "--quantized", str(paths["artifact"]),
-                "--out", str(paths["pte"]), "--refer-root", str(cfg.data), "--report", str(self.reports[name]), *flags,
+                "--out", str(paths["pte"]), "--report", str(self.reports[name]), *flags,
             ]  # fmt: skip
             with open(log, "w") as stream:
                 self.children[name] = subprocess.Popen(cmd, stdout=stream, stderr=subprocess.STDOUT, env=env), log
@@ -247,7 +247,7 @@ def _export_coreml(cfg: DemoConfig, paths: dict[str, Path]) -> dict:
         # No float package: its conversion costs a minute and only its size is reported, which the parameter count
         # gives (fp16 weights, 2 bytes each).
         report = export_artifact(
-            paths["artifact"], paths["coreml"], refer_root=cfg.data, float_package=False, log=lambda *a: None
+            paths["artifact"], paths["coreml"], float_package=False, log=lambda *a: None
         )
     return report
 

@@ -2,7 +2,9 @@
 
 Every backend is fed exactly what the refer loader feeds evaluation (exact resize to the model size, ImageNet
 normalisation, WordPiece ids cut at 20), and its mask logits are resized back to the photo's size before the argmax,
-so the overlay sits on the original pixels.
+so the overlay sits on the photo's pixels. A photo given as a file is decoded reduced when it is far larger than the
+model's input (to no less than ``KEEP_FACTOR`` times its side, aspect kept): the mask holds no detail beyond that, and
+a 144-megapixel photo would otherwise take gigabytes for logits, mask and overlay at full size.
 
 - ``torch``: the float model (``--model``/``--checkpoint``) or the simulated quantized one (``--quantized DIR``);
 - ``pte``: a full-model ExecuTorch program on the host runtime (XNNPACK, the kernels a phone runs);
@@ -22,10 +24,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from quantize.atomic import write_atomic
-from quantize.data.preprocess import Tokenizer, image_to_tensor, load_image
+from quantize.data.preprocess import Tokenizer, clean_expression, image_to_tensor, load_image, to_rgb
+from quantize.errors import MissingFileError, UserError
 from quantize.models.config import PreprocessConfig
 from quantize.models.registry import text_encoder_dir
-from quantize.errors import UserError
 
 __all__ = ["BACKENDS", "Segmentation", "overlay", "segment"]
 
@@ -101,8 +103,13 @@ def segment(
     """Segment the object ``sentence`` names in ``image`` with one backend (see the module docstring)."""
     import time
 
-    photo = image if isinstance(image, Image.Image) else load_image(image)
+    # The photo is decoded once the runner gives the model's input side; a mistyped path or sentence is refused first,
+    # before a model loads.
+    if not isinstance(image, Image.Image) and not Path(image).is_file():
+        raise MissingFileError(f"image not found: {image}")
+    clean_expression(sentence)
     run, size, preprocess = _runner(backend, model, checkpoint, quantized, pte, coreml)
+    photo = to_rgb(image) if isinstance(image, Image.Image) else load_image(image, size)
     ids, attention = Tokenizer(text_encoder_dir(), preprocess.max_tokens)(sentence)
     pixels = image_to_tensor(photo, size, preprocess)[None]
     start = time.perf_counter()

@@ -121,7 +121,6 @@ def export_package(
 def export_artifact(
     quantized_dir: str | Path,
     out: str | Path,
-    refer_root: str | Path = "data",
     stages: tuple[str, ...] = ("full",),
     float_package: bool = True,
     target: str = "iOS18",
@@ -136,8 +135,6 @@ def export_artifact(
     Args:
         quantized_dir: a folder written by ``ptq4ris calibrate``.
         out: the full model's ``.mlpackage``; stage packages, the float package and the report go beside it.
-        refer_root: where the artifact's calibration data lives (GEMM output ranges are observed on it, as for
-            the ``.pte``).
         stages: quantized packages to export: any of ``full``, ``text``, ``visual``.
         float_package: also export the float model (full) for comparison.
         target: minimum deployment target (``iOS17``: int8 activations and weights; ``iOS18``: also int4 weights).
@@ -165,7 +162,7 @@ def export_artifact(
         raise UserError(
             f"{recipe.bits.upper()} stores its weights in int4, which Core ML supports from iOS18: use --target iOS18"
         )
-    calib = calibration_inputs(model, config, refer_root, calib_pairs)
+    calib = calibration_inputs(model, quantized_dir, calib_pairs)
     paths = package_paths(out)
     recipe_info = {"method": recipe.method, "bits": recipe.bits}
     report = {

@@ -101,7 +101,6 @@ def program_paths(out: Path) -> dict[str, Path]:
 def export_artifact(
     quantized_dir: str | Path,
     out: str | Path,
-    refer_root: str | Path = "data",
     stages: tuple[str, ...] = ("full", "text", "visual"),
     float_program: bool = True,
     calib_pairs: int = 32,
@@ -116,7 +115,6 @@ def export_artifact(
     Args:
         quantized_dir: a folder written by ``ptq4ris calibrate``.
         out: the full model's ``.pte``; stage programs, the float program and the report go beside it.
-        refer_root: where the artifact's calibration data lives (the GEMM output ranges are observed on it).
         stages: quantized programs to export: any of ``full``, ``text``, ``visual``.
         float_program: also export the float model (full) for comparison.
         calib_pairs: calibration pairs for the output ranges (the first of the artifact's calibration set).
@@ -140,7 +138,7 @@ def export_artifact(
     if unknown:
         raise UserError(f"unknown stages {sorted(unknown)}: choose from {', '.join(STAGES)}")
     model, recipe, config = load_quantized(quantized_dir)
-    calib = calibration_inputs(model, config, refer_root, calib_pairs)
+    calib = calibration_inputs(model, quantized_dir, calib_pairs)
     paths = program_paths(out)
     report = {
         "version": REPORT_VERSION,

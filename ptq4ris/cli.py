@@ -656,7 +656,7 @@ def _coreml_first_divergence(args: argparse.Namespace, model, recipe, config: di
 
     item = dataset[0]
     inputs = (item["image"][None], item["input_ids"][None], item["attention_mask"][None])
-    calib = calibration_inputs(model, config, args.refer_root, 32)
+    calib = calibration_inputs(model, args.quantized, 32)
     graph, _, _ = calibrated_graph(model, "full", calib[0], calib, table_bits=table_bits(recipe))
     return first_divergence(args.coreml, graph, inputs)
 

@@ -150,8 +150,8 @@ def default_programs(tmp_path_factory):
     done = subprocess.run([*cli, "calibrate", "--bits", "w8a8", "--method", "ptq4ris-deploy", "--out", str(artifact),
                            "--refer-root", str(root)], capture_output=True, text=True, cwd=ROOT, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    export = [*cli, "export-pte", "--quantized", str(artifact), "--out", str(pte), "--refer-root", str(root),
-              "--no-kernels", "--stages"]  # fmt: skip
+    export = [*cli, "export-pte", "--quantized", str(artifact), "--out", str(pte), "--no-kernels",
+              "--stages"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     children = [

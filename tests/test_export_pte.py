@@ -8,6 +8,7 @@ attention matmuls) so that the whole lowering runs in CI time; the lavt-tiny fig
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -49,17 +50,21 @@ def _artifact(root, out, method: str, bits: str = "w8a8"):
     cfg = model.config
     train = open_split(root, "shapesref", "unc", "train", cfg)
     recipe = make_recipe(method, bits, search="none", text_groups=4, pwam_groups=2)
-    quantized, _ = calibrate(model, recipe, calibration_batch(train, 4))
+    batch = calibration_batch(train, 4)
+    quantized, _ = calibrate(model, recipe, batch)
     calib = {"calibration": {"dataset": "shapesref", "split_by": "unc", "split": "train", "pairs": 4}}
-    return save_quantized(quantized, recipe, out, "small-test", calib)
+    return save_quantized(quantized, recipe, out, "small-test", calib, calibration_inputs=batch)
 
 
 @pytest.fixture(scope="module")
-def exported(refer_root, tmp_path_factory):
+def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
-    artifact = _artifact(refer_root, folder / "w8a8", "ptq4ris-deploy")
+    # Calibrated on a data set that is gone by the time of export: the artifact carries its calibration inputs.
+    data = write_shapesref(folder / "data", seed=0, split_scenes={"train": 8})
+    artifact = _artifact(data, folder / "w8a8", "ptq4ris-deploy")
+    shutil.rmtree(data)
     out = folder / "pte" / "model.pte"
-    argv = ["export-pte", "--quantized", str(artifact), "--out", str(out), "--refer-root", str(refer_root), "--json"]
+    argv = ["export-pte", "--quantized", str(artifact), "--out", str(out), "--json"]
     assert main(argv) == 0
     return artifact, out
 
@@ -125,8 +130,6 @@ def test_w4a4_uses_4bit_weight_kernels_and_keeps_parity(refer_root, tmp_path, ca
         str(artifact),
         "--out",
         str(out),
-        "--refer-root",
-        str(refer_root),
         "--stages",
         "full",
         "--no-float",
@@ -171,7 +174,7 @@ def test_export_bad_input(refer_root, tmp_path, capsys):
     assert main(["export-pte", "--quantized", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pte")]) == 2
     assert "ptq4ris calibrate" in capsys.readouterr().err
     tiers = _artifact(refer_root, tmp_path / "tiers", "ptq4ris")
-    argv = ["export-pte", "--quantized", str(tiers), "--out", str(tmp_path / "m.pte"), "--refer-root", str(refer_root)]
+    argv = ["export-pte", "--quantized", str(tiers), "--out", str(tmp_path / "m.pte")]
     assert main(argv) == 2
     assert "ptq4ris-deploy" in capsys.readouterr().err
     assert not (tmp_path / "m.pte").exists()

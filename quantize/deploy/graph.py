@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantize.errors import MissingFileError, UserError
+from quantize.errors import UserError
 
 from .deploy_form import DeployMatMul, QuantStream, SiteLowering, to_deploy_form
 from .output_split import split_output_outliers
@@ -115,31 +115,31 @@ def table_bits(recipe) -> int:
     return 4 if recipe.weight_bits <= 4 else 8
 
 
-def calibration_inputs(
-    model: nn.Module, config: dict, refer_root: str | Path, pairs: int
-) -> list[tuple[torch.Tensor, ...]]:
-    """(image, input_ids, attention_mask) batches of one pair each: the first ``pairs`` pairs the artifact was
-    calibrated on (``config``: its ``config.json``), read again from its calibration split under ``refer_root``. The
-    GEMM output ranges of :func:`calibrated_graph` are observed on them."""
-    from quantize.calibration.calibrate import calibration_batch
-    from quantize.data import open_split
+def calibration_inputs(model: nn.Module, artifact: str | Path, pairs: int = 32) -> list[tuple[torch.Tensor, ...]]:
+    """(image, input_ids, attention_mask) batches of one pair each, on which :func:`calibrated_graph` observes the
+    GEMM output ranges: the first ``pairs`` split pairs the artifact was calibrated on, then its everyday expressions
+    (their text GEMM outputs need covering ranges too), read from the inputs stored in the artifact, so export needs
+    no data set."""
+    from quantize.calibration.artifact import QuantizedArtifactError, load_calibration_inputs
 
-    calib = config.get("calibration", {})
-    dataset, split_by, split = (
-        calib.get("dataset", "shapesref"),
-        calib.get("split_by", "unc"),
-        calib.get("split", "train"),
-    )
-    try:
-        data = open_split(refer_root, dataset, split_by, split, model.config)
-    except UserError as e:
-        # Say why an export needs data at all; the error already names the folder and the fix.
-        kind = MissingFileError if isinstance(e, FileNotFoundError) else UserError
-        raise kind(f"the int8 GEMM output ranges are observed on the artifact's calibration pairs: {e}") from e
-    # The pairs calibration used, everyday expressions included: their text GEMM outputs need covering ranges too.
-    everyday = calib.get("everyday_expressions", 0)
-    batch = calibration_batch(data, min(pairs, len({s.ref_id for s in data.samples})), everyday)
+    stored = load_calibration_inputs(artifact, model.config)
+    if stored is None:
+        raise QuantizedArtifactError(
+            f"{artifact} stores no calibration inputs (it was saved without them): recalibrate it with "
+            f"`ptq4ris calibrate --out {artifact}`"
+        )
+    manifest_everyday = _everyday_count(artifact)
+    total = stored["images"].shape[0]
+    split_pairs = total - manifest_everyday
+    keep = list(range(min(pairs, split_pairs))) + list(range(split_pairs, total))
     return [
-        (batch.images[i : i + 1], batch.input_ids[i : i + 1], batch.attention_mask[i : i + 1])
-        for i in range(len(batch))
+        (stored["images"][i : i + 1], stored["input_ids"][i : i + 1], stored["attention_mask"][i : i + 1])
+        for i in keep
     ]
+
+
+def _everyday_count(artifact: str | Path) -> int:
+    import json
+
+    config = json.loads((Path(artifact) / "config.json").read_text())
+    return int(config.get("calibration", {}).get("everyday_expressions", 0))
