@@ -881,16 +881,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not args.verbose:
-        from .quiet import quiet_known_chatter
-
-        quiet_known_chatter()
-
     def command() -> int:
         _check_text(argv)
         return args.func(args)
 
-    return run_guarded(command, debug)
+    if args.verbose:
+        return run_guarded(command, debug)
+    from .quiet import filter_native_stderr, quiet_known_chatter
+
+    quiet_known_chatter()
+    with filter_native_stderr():
+        return run_guarded(command, debug)
 
 
 if __name__ == "__main__":

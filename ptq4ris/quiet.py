@@ -4,13 +4,20 @@ all). Each entry is a logger and the start of messages known to be harmless on t
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["KNOWN_CHATTER", "quiet_known_chatter"]
+__all__ = ["KNOWN_CHATTER", "KNOWN_NATIVE_LINES", "quiet_known_chatter", "filter_native_stderr"]
 
 KNOWN_CHATTER: dict[str, tuple[str, ...]] = {
     # torchao's optional CUDA kernels, absent from a CPU install.
     "torchao": ("Failed to load ",),
+    # (a filter acts on its own logger only, not on records its children propagate: each module logger is named)
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),
     # coremltools: its tested-torch note, its scikit-learn converter, and the macOS-only runtime missing on Linux
     # (conversion works; nothing off macOS runs a Core ML model, which is why the MIL interpreter exists).
     # (coremltools logs everything on its package logger.)
@@ -24,7 +31,15 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"`torch.jit.script_method` is deprecated", DeprecationWarning),
     (r"(open|read)_text is deprecated", DeprecationWarning),
     (r"__array__ implementation doesn't accept a copy keyword", DeprecationWarning),
+    # executorch's Inspector, when the ETDump run that lists kernels keeps no debug buffer (on purpose: see toolchain).
+    (r"Output Buffer not found", UserWarning),
+    # torch's pytree, while exporting torchao-annotated graphs.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
 )
+
+# Lines that native code (the ExecuTorch runtime's CPU probe) writes straight to the stderr file descriptor, where no
+# Python filter sees them: on x86 and in containers it cannot read ARM CPU identification files, which is expected.
+KNOWN_NATIVE_LINES: tuple[bytes, ...] = (b"[cpuinfo_utils.cpp:",)
 
 
 class _DropKnown(logging.Filter):
@@ -44,3 +59,42 @@ def quiet_known_chatter() -> None:
             logger.addFilter(_DropKnown(prefixes))
     for message, category in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+@contextmanager
+def filter_native_stderr() -> Iterator[None]:
+    """Route the stderr file descriptor through a pipe for the duration of the block and drop the lines native
+    libraries are known to print harmlessly (:data:`KNOWN_NATIVE_LINES`); everything else passes unchanged and in
+    order. Child processes inherit the filtered descriptor."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced (e.g. captured in tests): nothing to filter
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            pending = b""
+            while chunk := pipe.read(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                kept = b"".join(line + b"\n" for line in lines if not line.startswith(KNOWN_NATIVE_LINES))
+                if kept:
+                    os.write(saved, kept)
+            if pending and not pending.startswith(KNOWN_NATIVE_LINES):
+                os.write(saved, pending)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, fd)  # closes the pipe's last write end held by this process: the pump drains and ends
+        thread.join(timeout=5)
+        os.close(saved)
