@@ -6,7 +6,8 @@ every group becomes an ordinary int8 stream. A runtime gather would cost a copy 
 permutation is folded into the weights that produce the activation (output rows and biases) and the weights that
 consume it (input columns), plus anything in between that is per channel or permutation-equivariant (LayerNorm,
 InstanceNorm, GELU, products). The float function of the whole model is unchanged, up to the order of floating point
-sums.
+sums. Which modules write and read each permuted activation is declared once, in the model's layer roles
+(:class:`~quantize.models.roles.FoldGroup`); this module only moves rows and columns.
 
 Convention everywhere: ``perm[new_position] = old_channel``, i.e. after folding, channel ``j`` carries what channel
 ``perm[j]`` carried before. Every function validates ``perm`` before touching any weight, so a ValueError leaves the
@@ -21,14 +22,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..models.bert import BertLayer, BertModel
-from ..models.lavt import LAVT
-from ..models.pwam import PWAM
+from ..models.roles import FoldGroup, LayerRoles, layer_roles
 
 __all__ = [
     "head_preserving_order",
     "permute_bert_context",
     "permute_bert_intermediate",
+    "permute_group",
     "permute_pwam_product",
     "permute_text_hidden",
 ]
@@ -67,68 +67,6 @@ def _permute_outputs_(module: nn.Module, index: torch.Tensor) -> None:
     _take_(module.bias, 0, index)
 
 
-def _text_encoder(model: LAVT) -> BertModel:
-    if not isinstance(getattr(model, "text_encoder", None), BertModel):
-        raise TypeError(f"expected a LAVT model with a quantize BertModel text_encoder, got {type(model).__name__}")
-    return model.text_encoder
-
-
-def _bert_layer(model: LAVT, layer_index: int) -> BertLayer:
-    layers = _text_encoder(model).encoder.layer
-    if not 0 <= layer_index < len(layers):
-        raise ValueError(f"layer_index {layer_index} out of range: the text encoder has {len(layers)} layers")
-    return layers[layer_index]
-
-
-def _fusions(model: LAVT) -> list[PWAM]:
-    return [layer.fusion for layer in model.backbone.layers]
-
-
-@torch.no_grad()
-def permute_text_hidden(model: LAVT, perm: PermLike) -> None:
-    """Permute BERT's hidden (residual-stream) channels throughout the text encoder and its PWAM consumers.
-
-    Afterwards ``model.encode_text`` returns features whose channel j is the old channel ``perm[j]`` and
-    ``model(image, ids, mask)`` is unchanged.
-    """
-    bert = _text_encoder(model)
-    hidden = bert.config.hidden_size
-    p = _check_perm(perm, hidden, "permute_text_hidden")
-
-    # The residual stream is the sum of the three tables, so all three must move together; LayerNorm statistics are
-    # sums over channels, hence permutation-invariant, and its affine part is per channel.
-    emb = bert.embeddings
-    for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
-        _take_(table.weight, 1, p)
-    _permute_outputs_(emb.LayerNorm, p)
-
-    for layer in bert.encoder.layer:
-        attn = layer.attention
-        for proj in (attn.self.query, attn.self.key, attn.self.value):
-            _take_(proj.weight, 1, p)
-        # Each sub-block writes back into the residual stream: its output rows and the LayerNorm that follows.
-        _permute_outputs_(attn.output.dense, p)
-        _permute_outputs_(attn.output.LayerNorm, p)
-        _take_(layer.intermediate.dense.weight, 1, p)
-        _permute_outputs_(layer.output.dense, p)
-        _permute_outputs_(layer.output.LayerNorm, p)
-
-    # The PWAMs are the only readers of the word features outside BERT.
-    for fusion in _fusions(model):
-        _take_(fusion.image_lang_att.f_key[0].weight, 1, p)
-        _take_(fusion.image_lang_att.f_value[0].weight, 1, p)
-
-
-@torch.no_grad()
-def permute_bert_intermediate(model: LAVT, layer_index: int, perm: PermLike) -> None:
-    """Permute the FFN hidden channels (GELU output, input of ``output.dense``) of one BERT layer."""
-    layer = _bert_layer(model, layer_index)
-    p = _check_perm(perm, layer.intermediate.dense.out_features, f"permute_bert_intermediate(layer {layer_index})")
-    # GELU is element-wise, so permuting its input rows permutes its output the same way.
-    _permute_outputs_(layer.intermediate.dense, p)
-    _take_(layer.output.dense.weight, 1, p)
-
-
 def _head_order(perm: torch.Tensor, num_heads: int, head_dim: int, what: str) -> torch.Tensor:
     """The old head at each new head position, or ValueError if ``perm`` mixes channels of different heads."""
     heads = perm.reshape(num_heads, head_dim) // head_dim
@@ -141,27 +79,90 @@ def _head_order(perm: torch.Tensor, num_heads: int, head_dim: int, what: str) ->
     return heads[:, 0]
 
 
+def _modules(model: nn.Module, patterns: tuple[str, ...], fields: dict[str, int]) -> list[nn.Module]:
+    return [model.get_submodule(n) for p in patterns for n in LayerRoles.find(model, p, **fields)]
+
+
 @torch.no_grad()
-def permute_bert_context(model: LAVT, layer_index: int, perm: PermLike) -> None:
+def permute_group(model: nn.Module, group: str | FoldGroup, perm: PermLike, index: int | None = None) -> None:
+    """Fold ``perm`` into the modules of one fold group of the model's layer roles
+    (:class:`~quantize.models.roles.FoldGroup`): the writers' output rows and biases, the readers' input columns.
+
+    Args:
+        group: the group or its name (``text_hidden``, ``text_intermediate``, ``text_context``, ``pwam_product``).
+        perm: (C,) new position → old channel.
+        index: for a group folded per layer or stage, which one.
+    """
+    roles = layer_roles(model)
+    g = roles.fold_group(group) if isinstance(group, str) else group
+    fields: dict[str, int] = {}
+    what = g.name
+    if g.per is None:
+        if index is not None:
+            raise ValueError(f"{g.name} is one permutation for the whole model: got index {index}")
+    else:
+        available = LayerRoles.indices(model, g.patterns[0], g.per)
+        if index is None or index not in available:
+            raise ValueError(
+                f"{g.per}_index {index} out of range: {g.name} is folded per {g.per}, and the model has "
+                f"{len(available)} of them"
+            )
+        fields = {g.per: index}
+        what = f"{g.name}({g.per} {index})"
+    rows, head_rows = _modules(model, g.rows, fields), _modules(model, g.head_rows, fields)
+    columns = _modules(model, g.columns, fields)
+    # Every writer and reader must carry the same channels, or the table does not describe this model.
+    if not (rows or head_rows) or not columns:
+        raise ValueError(f"{what}: no module of {type(model).__name__} matches the group's writers or readers")
+    widths = {m.weight.shape[0] for m in rows + head_rows} | {m.weight.shape[1] for m in columns}
+    if len(widths) != 1:
+        raise ValueError(f"{what}: the group's modules disagree on the channel count ({sorted(widths)})")
+    (size,) = widths
+    p = _check_perm(perm, size, what)
+    head_rows_index = None
+    if g.heads is not None:
+        (attention,) = _modules(model, (g.heads,), fields)
+        if attention.num_heads * attention.head_dim != size:
+            raise ValueError(f"{what}: {attention.num_heads} heads of {attention.head_dim} are not {size} channels")
+        order = _head_order(p, attention.num_heads, attention.head_dim, what)
+        head_rows_index = (order[:, None] * attention.head_dim + torch.arange(attention.head_dim)).flatten()
+    for m in rows:
+        _permute_outputs_(m, p)
+    for m in head_rows:
+        _permute_outputs_(m, head_rows_index)
+    for m in columns:
+        _take_(m.weight, 1, p)
+
+
+def permute_text_hidden(model: nn.Module, perm: PermLike) -> None:
+    """Permute BERT's hidden (residual-stream) channels throughout the text encoder and its PWAM consumers.
+
+    Afterwards ``model.encode_text`` returns features whose channel j is the old channel ``perm[j]`` and
+    ``model(image, ids, mask)`` is unchanged. LayerNorm statistics are sums over channels, hence
+    permutation-invariant, and its affine part is per channel.
+    """
+    permute_group(model, "text_hidden", perm)
+
+
+def permute_bert_intermediate(model: nn.Module, layer_index: int, perm: PermLike) -> None:
+    """Permute the FFN hidden channels (GELU output, input of ``output.dense``) of one BERT layer."""
+    permute_group(model, "text_intermediate", perm, layer_index)
+
+
+def permute_bert_context(model: nn.Module, layer_index: int, perm: PermLike) -> None:
     """Permute the attention context of one BERT layer (input of ``attention.output.dense``, head-major channels).
 
     ``perm`` must move whole heads (and may reorder channels within a head): attention mixes a head's channels
-    through q·kᵀ, so a channel cannot leave its head.
+    through q·kᵀ, so a channel cannot leave its head. q and k follow the head order only (any within-head order
+    shared by q and k gives the same scores; keeping theirs avoids touching more than needed); v's channels pass
+    straight through the probabilities to the context, so v takes the full perm.
     """
-    layer = _bert_layer(model, layer_index)
-    sa = layer.attention.self
-    what = f"permute_bert_context(layer {layer_index})"
-    p = _check_perm(perm, sa.num_heads * sa.head_dim, what)
-    order = _head_order(p, sa.num_heads, sa.head_dim, what)
+    permute_group(model, "text_context", perm, layer_index)
 
-    # q·kᵀ is a sum over a head's channels, so q and k only need to follow the head order (any within-head order
-    # shared by q and k gives the same scores; keeping theirs avoids touching more than needed). v's channels pass
-    # straight through the probabilities to the context, so v takes the full perm.
-    qk_rows = (order[:, None] * sa.head_dim + torch.arange(sa.head_dim)).flatten()
-    _permute_outputs_(sa.query, qk_rows)
-    _permute_outputs_(sa.key, qk_rows)
-    _permute_outputs_(sa.value, p)
-    _take_(layer.attention.output.dense.weight, 1, p)
+
+def permute_pwam_product(model: nn.Module, stage: int, perm: PermLike) -> None:
+    """Permute the channels of stage ``stage``'s PWAM product ``vis * lang`` (input of ``project_mm[0]``)."""
+    permute_group(model, "pwam_product", perm, stage)
 
 
 def head_preserving_order(channel_range: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -189,18 +190,3 @@ def head_preserving_order(channel_range: torch.Tensor, num_heads: int) -> torch.
     within = torch.argsort(per_head, dim=1, stable=True)
     order = torch.argsort(per_head.amax(dim=1), stable=True)
     return (order[:, None] * d + within[order]).flatten().long()
-
-
-@torch.no_grad()
-def permute_pwam_product(model: LAVT, stage: int, perm: PermLike) -> None:
-    """Permute the channels of stage ``stage``'s PWAM product ``vis * lang`` (input of ``project_mm[0]``)."""
-    fusions = _fusions(model)
-    if not 0 <= stage < len(fusions):
-        raise ValueError(f"stage {stage} out of range: the backbone has {len(fusions)} stages")
-    fusion = fusions[stage]
-    p = _check_perm(perm, fusion.project_mm[0].in_channels, f"permute_pwam_product(stage {stage})")
-    # Both factors must move together for the product to be permuted. vis passes a GELU (element-wise); lang passes
-    # an affine-free InstanceNorm, which normalises each channel on its own, so both commute with the permutation.
-    _permute_outputs_(fusion.vis_project[0], p)
-    _permute_outputs_(fusion.image_lang_att.W[0], p)
-    _take_(fusion.project_mm[0].weight, 1, p)

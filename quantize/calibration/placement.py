@@ -11,7 +11,6 @@ model's state dict is the float weights plus the quantizers' buffers (the qparam
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.layers import MatMul
+from ..models.roles import LAVT_ROLES, LayerRoles, layer_roles, match
 from .quantizers import (
     DrqGeluQuantizer,
     DrqSoftmaxQuantizer,
@@ -61,6 +61,7 @@ class SiteInfo:
     modality: str  # text | vision | fusion | decoder
     block: str  # the refresh group (a Swin block, a BERT layer, a stage's fusion, the decoder)
     role: str
+    weight_blocks: int = 1  # row blocks with a weight scale each under per-tensor weights (fused q/k/v: 3)
 
 
 class _QuantizedLayer:
@@ -128,60 +129,31 @@ _OP = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", MatMul: "m
 
 @torch.no_grad()
 def fold_batch_norms(model: nn.Module) -> None:
-    """Fold each decoder ``convX_Y`` → ``bnX_Y`` pair into the conv (which gains a bias); the BN becomes Identity."""
-    decoder = model.classifier
-    for name, bn in list(decoder.named_children()):
-        if not (isinstance(bn, nn.BatchNorm2d) and name.startswith("bn")):
-            continue
-        conv = getattr(decoder, "conv" + name[2:])
-        std = torch.sqrt(bn.running_var + bn.eps)
-        factor = bn.weight / std
-        conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.bias = nn.Parameter((bias - bn.running_mean) * factor + bn.bias)
-        setattr(decoder, name, nn.Identity())
+    """Fold each BatchNorm the model's layer roles name into the conv before it (which gains a bias); the BN becomes
+    Identity, so folding twice is a no-op."""
+    for fold in layer_roles(model).norm_folds:
+        for name in LayerRoles.find(model, fold.norm):
+            bn = model.get_submodule(name)
+            if not isinstance(bn, nn.BatchNorm2d):
+                continue
+            conv = model.get_submodule(fold.into.format(**match(fold.norm, name)))
+            std = torch.sqrt(bn.running_var + bn.eps)
+            factor = bn.weight / std
+            conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.bias = nn.Parameter((bias - bn.running_mean) * factor + bn.bias)
+            set_submodule(model, name, nn.Identity())
 
 
-def classify_site(name: str, module: nn.Module) -> SiteInfo | None:
-    """The site of a float module of LAVT, or None when it stays float."""
+def classify_site(name: str, module: nn.Module, roles: LayerRoles = LAVT_ROLES) -> SiteInfo | None:
+    """The site of a float module, or None when it stays float (its type is not quantized). Its modality, block and
+    role come from ``roles`` (the model's ``layer_roles``); a quantizable module no rule covers raises
+    :class:`~quantize.models.roles.UnknownLayerError`."""
     op = next((o for t, o in _OP.items() if type(module) is t), None)
     if op is None:
         return None
-    if name.startswith("text_encoder."):
-        m = re.match(r"text_encoder\.encoder\.layer\.(\d+)\.", name)
-        block = f"text_encoder.encoder.layer.{m.group(1)}" if m else "text_encoder"
-        if op == "matmul":
-            role = "post_softmax" if name.endswith(".pv") else "generic"
-        else:
-            role = "text"
-        return SiteInfo(name, op, "text", block, role)
-    if name.startswith("classifier."):
-        role = "post_relu" if re.search(r"conv(2_\d|1_1)$", name) else "generic"
-        return SiteInfo(name, op, "decoder", "classifier", role)
-    m = re.match(r"backbone\.layers\.(\d+)\.(blocks\.(\d+)|fusion|res_gate|downsample)", name)
-    if m is None:  # patch embedding
-        return SiteInfo(name, op, "vision", "backbone.patch_embed", "image")
-    stage = m.group(1)
-    if m.group(3) is not None:
-        block = f"backbone.layers.{stage}.blocks.{m.group(3)}"
-        role = "post_gelu" if name.endswith("mlp.fc2") else "post_softmax" if name.endswith(".pv") else "generic"
-        return SiteInfo(name, op, "vision", block, role)
-    block = f"backbone.layers.{stage}.fusion"
-    if m.group(2) == "downsample":
-        return SiteInfo(name, op, "vision", block, "generic")
-    if name.endswith(("f_key.0", "f_value.0")):
-        role = "text_features"
-    elif name.endswith("project_mm.0"):
-        role = "pwam_product"
-    elif name.endswith("res_gate.0"):
-        role = "post_gelu"
-    elif name.endswith("res_gate.2"):
-        role = "post_relu"
-    elif name.endswith(".pv"):
-        role = "post_softmax"
-    else:
-        role = "generic"
-    return SiteInfo(name, op, "fusion", block, role)
+    r = roles.site(name)
+    return SiteInfo(name, op, r.modality, r.block, r.role, r.weight_blocks)
 
 
 def _activation_quantizer(info: SiteInfo, recipe: Recipe, channels: int) -> FakeQuantizer:
@@ -207,12 +179,13 @@ def _weight_quantizer(weight: torch.Tensor, recipe: Recipe) -> UniformQuantizer:
 
 def float_sites(model: nn.Module, recipe: Recipe | None = None) -> list[tuple[str, nn.Module, SiteInfo]]:
     """The float modules to quantize, in forward (data-flow) order: text encoder, vision + fusion, decoder."""
+    roles = layer_roles(model)
     found = []
     for name, module in model.named_modules():
-        info = classify_site(name, module)
+        info = classify_site(name, module, roles)
         if info is None:
             continue
-        if name == "classifier.conv1_1" and (recipe is None or recipe.keep_final_conv_float):
+        if name == roles.output_head and (recipe is None or recipe.keep_final_conv_float):
             continue
         found.append((name, module, info))
     return sorted(found, key=lambda t: _FLOW_ORDER[t[2].modality])  # stable: module order within a part

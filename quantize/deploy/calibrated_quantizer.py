@@ -17,6 +17,8 @@ from torch import fx
 from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver, ObserverBase
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
+from quantize.models.roles import LayerRoles
+
 from .deploy_form import ActGrid, DeployMatMul, QuantStream, WeightGrid
 
 __all__ = ["CalibratedQuantizer", "FixedGridObserver"]
@@ -137,6 +139,15 @@ def _owner(node: fx.Node) -> str | None:
     return path.removeprefix("L['self'].")
 
 
+def _word_tables(model: torch.nn.Module) -> list[str]:
+    """The word table of every module of ``model`` whose class declares layer roles, as names in ``model``."""
+    return [
+        f"{prefix}.{roles.word_table}" if prefix else roles.word_table
+        for prefix, m in model.named_modules()
+        if isinstance(roles := getattr(type(m), "layer_roles", None), LayerRoles) and roles.word_table
+    ]
+
+
 class CalibratedQuantizer(Quantizer):
     """Annotates the GEMMs and attention matmuls of an exported deploy-form model with their calibrated grids.
 
@@ -145,14 +156,19 @@ class CalibratedQuantizer(Quantizer):
         required: names of the sites the exported program must contain (default: all of them); validation fails
             if one was not found, so a renamed module cannot silently leave a layer in float.
         output_observer: how the int8 ranges of GEMM outputs are observed: ``histogram`` or ``minmax``.
+        tables: names of the embedding tables stored in 8 bits (default: the ``word_table`` of every model inside
+            ``deploy_model`` that declares its layer roles).
     """
 
-    def __init__(self, deploy_model: torch.nn.Module, required=None, output_observer: str = "histogram") -> None:
+    def __init__(
+        self, deploy_model: torch.nn.Module, required=None, output_observer: str = "histogram", tables=None
+    ) -> None:
         super().__init__()
         self.output_spec = output_spec(output_observer)
         self.required = None if required is None else set(required)
         self.streams = {n: m for n, m in deploy_model.named_modules() if isinstance(m, QuantStream)}
         self.matmuls = {n: m for n, m in deploy_model.named_modules() if isinstance(m, DeployMatMul)}
+        self.tables = set(_word_tables(deploy_model) if tables is None else tables)
         self.annotated: dict[str, int] = {}
         self.embeddings: list[str] = []
 
@@ -179,12 +195,7 @@ class CalibratedQuantizer(Quantizer):
                     qmap[a] = act_spec(mm.a_grid)
                 node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=qmap, _annotated=True)
                 seen[owner] = seen.get(owner, 0) + 1
-            elif (
-                node.target == _EMBEDDING
-                and owner is not None
-                and owner.endswith("word_embeddings")
-                and self._annotate_table(model, node)
-            ):
+            elif node.target == _EMBEDDING and owner in self.tables and self._annotate_table(model, node):
                 self.embeddings.append(owner.removeprefix("model."))
         self.annotated = seen
         return model

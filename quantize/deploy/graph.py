@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from quantize.errors import UserError
+from quantize.models.roles import layer_roles
 
 from .deploy_form import DeployMatMul, QuantStream, SiteLowering, to_deploy_form
 from .output_split import split_output_outliers
@@ -51,9 +52,10 @@ def calibrated_graph(
     if table_bits not in (4, 8):
         raise UserError(f"table_bits must be 4 or 8, got {table_bits}")
     seconds = {}
+    roles = layer_roles(calibrated)
     deploy, sites = to_deploy_form(calibrated)
     if table_bits == 4:
-        _quantize_table_4bit(deploy)
+        _quantize_table_4bit(deploy, roles.word_table)
     program = Stage(deploy, stage).eval()
     if split_outputs:
         split_output_outliers(program, calib, sites)
@@ -62,7 +64,7 @@ def calibrated_graph(
     seconds["export"] = time.perf_counter() - t
     t = time.perf_counter()
     sites_in_program = [n for n, m in program.named_modules() if isinstance(m, (QuantStream, DeployMatMul))]
-    required = [n for n in sites_in_program if in_stage(n, stage)]
+    required = [n for n in sites_in_program if in_stage(n, stage, roles)]
     quantizer = CalibratedQuantizer(program, required=required, output_observer=output_observer)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
@@ -82,7 +84,7 @@ def calibrated_graph(
     if table_bits == 4 and stage != "visual":
         tables.append(
             SiteLowering(
-                "text_encoder.embeddings.word_embeddings",
+                roles.word_table,
                 "embedding",
                 "text",
                 f"int4_group{TABLE_GROUP}",
@@ -94,14 +96,14 @@ def calibrated_graph(
     return converted, [s for s in sites if s.site in used] + tables, seconds
 
 
-def _quantize_table_4bit(deploy: nn.Module) -> None:
-    """The word table as torchao int4 groups, which ExecuTorch fuses into ``embedding_4bit`` and coremltools turns
-    into an int4 constexpr lookup table."""
+def _quantize_table_4bit(deploy: nn.Module, word_table: str) -> None:
+    """The word table (``word_table``, its module name) as torchao int4 groups, which ExecuTorch fuses into
+    ``embedding_4bit`` and coremltools turns into an int4 constexpr lookup table."""
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
     def is_table(module: nn.Module, name: str) -> bool:
-        return isinstance(module, nn.Embedding) and name.endswith("word_embeddings")
+        return isinstance(module, nn.Embedding) and name == word_table
 
     for name, module in deploy.named_modules():
         if is_table(module, name):

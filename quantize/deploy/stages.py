@@ -13,6 +13,7 @@ from torch import nn
 
 from quantize.calibration.placement import set_quantization
 from quantize.errors import UserError
+from quantize.models.roles import LAVT_ROLES, LayerRoles
 
 __all__ = ["STAGES", "Stage", "float_stage", "in_stage", "stage_inputs"]
 
@@ -42,10 +43,12 @@ class Stage(nn.Module):
         return self.model.forward_with_text_features(*inputs)
 
 
-def in_stage(name: str, stage: str) -> bool:
-    """Whether the module ``name`` of a :class:`Stage` (``model.…``) runs in ``stage``."""
-    text = name.startswith("model.text_encoder.")
-    return stage == "full" or (stage == "text") == text
+def in_stage(name: str, stage: str, roles: LayerRoles = LAVT_ROLES) -> bool:
+    """Whether the module ``name`` of a :class:`Stage` (``model.…``) runs in ``stage``: every module runs in
+    ``full``; otherwise the model's layer roles (``roles``, its ``layer_roles``) say which program holds it."""
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+    return stage == "full" or roles.program_of(name.removeprefix("model.")) == stage
 
 
 def stage_inputs(model: nn.Module, stage: str, images, input_ids, attention_mask) -> tuple[torch.Tensor, ...]:

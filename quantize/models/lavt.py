@@ -14,6 +14,7 @@ from torch import nn
 from .bert import BertModel
 from .config import LavtConfig
 from .decoder import SimpleDecoding
+from .roles import LAVT_ROLES
 from .swin import MultiModalSwinTransformer
 
 __all__ = ["LAVT"]
@@ -28,6 +29,10 @@ class LAVT(nn.Module):
         attention_mask: (B, N), 1 on real tokens, 0 on padding.
     Returns (B, 2, S, S) logits; the mask is ``argmax(dim=1)``.
     """
+
+    # What each layer is to quantization (modality, block, role, fold groups, program), read by placement, folding
+    # and export; on the class so that code holding only the module (an artifact's, a deep copy) finds it.
+    layer_roles = LAVT_ROLES
 
     def __init__(self, config: LavtConfig) -> None:
         super().__init__()

