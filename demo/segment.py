@@ -83,9 +83,7 @@ def _runner(backend: str, model: str, checkpoint, quantized, pte, coreml):
         )
     from ios_export.parity import CoreMLProgram
 
-    package = CoreMLProgram(coreml)
-    if tuple(package.input_names) != ("image", "input_ids", "attention_mask"):
-        raise UserError(f"{coreml} is a stage package (inputs {package.input_names}); give the full-model package")
+    package = CoreMLProgram(coreml, stage="full")  # a stage package or another model's is refused before it runs
     return package, package.input_shapes[0][-1], PreprocessConfig()
 
 

@@ -10,33 +10,106 @@ names it; nothing is skipped.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from quantize.errors import MissingFileError, UserError
 
-__all__ = ["OPS", "MilInterpreter", "UnsupportedOpError", "load_program"]
+__all__ = ["OPS", "MilInterpreter", "UnsupportedOpError", "check_package", "load_program"]
 
 
 class UnsupportedOpError(NotImplementedError):
     """The program holds an op the interpreter cannot execute."""
 
 
+_EXPORT_HINT = "export one with `ptq4ris export-coreml`"
+_REEXPORT_HINT = "copy the whole .mlpackage folder again or re-export it with `ptq4ris export-coreml`"
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_package(package: str | Path) -> Path:
+    """Refuse, before coremltools reads it, a path that is not a complete ``.mlpackage``: missing, a file instead of
+    the package folder, a folder without ``Manifest.json``, a manifest that is not valid JSON or lacks its root model,
+    an item the manifest names that is missing, an empty model spec. Returns the root model's spec file."""
+    package = Path(package)
+    if not package.exists():
+        raise MissingFileError(f"no Core ML package at {package}: {_EXPORT_HINT}")
+    if not package.is_dir():
+        raise UserError(f"{package} is a file, not a Core ML package (an .mlpackage folder): {_EXPORT_HINT}")
+    manifest = package / "Manifest.json"
+    if not manifest.is_file():
+        raise MissingFileError(
+            f"no Core ML package at {package} (no Manifest.json in that folder): give the .mlpackage folder, or "
+            f"{_EXPORT_HINT}"
+        )
+    try:
+        info = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{manifest} is not a readable package manifest ({_one_line(e)}): {_REEXPORT_HINT}") from e
+    entries = info.get("itemInfoEntries") if isinstance(info, dict) else None
+    root = info.get("rootModelIdentifier") if isinstance(info, dict) else None
+    if not isinstance(entries, dict) or not isinstance(root, str) or not isinstance(entries.get(root), dict):
+        raise UserError(
+            f"{manifest} names no root model (itemInfoEntries / rootModelIdentifier missing): {_REEXPORT_HINT}"
+        )
+    data = package / "Data"
+    for key, entry in entries.items():
+        item = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(item, str) or not item:
+            raise UserError(f"{manifest} has an item without a path ({key}): {_REEXPORT_HINT}")
+        target = data / item
+        if Path(item).is_absolute() or ".." in Path(item).parts:
+            raise UserError(f"{manifest} names {item!r}, outside the package: {_REEXPORT_HINT}")
+        if not target.exists():
+            raise UserError(
+                f"{package} is incomplete: {target} (named in its Manifest.json) is missing; {_REEXPORT_HINT}"
+            )
+    spec_file = data / entries[root]["path"]
+    if not spec_file.is_file() or spec_file.stat().st_size == 0:
+        raise UserError(f"{spec_file} is empty or not a file, so {package} holds no model: {_REEXPORT_HINT}")
+    return spec_file
+
+
 def load_program(package: str | Path):
-    """The MIL program of a saved ``.mlpackage`` (read from its spec and weight file, no macOS needed)."""
+    """The MIL program of a saved ``.mlpackage`` (read from its spec and weight file, no macOS needed).
+
+    A package that is not complete (:func:`check_package`) or whose spec or weights coremltools cannot read (a
+    truncated or damaged ``model.mlmodel``: protobuf's ``DecodeError``; a truncated ``weight.bin``; a wrong blob
+    header) is refused with a one-line :class:`UserError` naming the package."""
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load
 
     package = Path(package)
-    if not (package / "Manifest.json").is_file():
-        raise MissingFileError(f"no Core ML package at {package}: export one with `ptq4ris export-coreml`")
-    model = ct.models.MLModel(str(package), skip_model_load=True)
-    spec = model.get_spec()
-    if spec.WhichOneof("Type") != "mlProgram":
-        raise UserError(f"{package} is a neural-network model, not an ML program; re-export it as an .mlpackage")
-    return load(model_spec=spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+    spec_file = check_package(package)
+    try:
+        model = ct.models.MLModel(str(package), skip_model_load=True)
+        spec = model.get_spec()
+        kind = spec.WhichOneof("Type")
+    except Exception as e:  # google.protobuf DecodeError, RuntimeError from the package reader, ...
+        raise UserError(
+            f"{package} is not a readable Core ML package ({spec_file.name}: {type(e).__name__}: {_one_line(e)}): "
+            f"{_REEXPORT_HINT}"
+        ) from e
+    if kind is None:
+        raise UserError(f"{spec_file} holds no model: {_REEXPORT_HINT}")
+    if kind != "mlProgram":
+        raise UserError(f"{package} is a {kind} model, not an ML program; re-export it with `ptq4ris export-coreml`")
+    try:
+        return load(
+            model_spec=spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir
+        )
+    except Exception as e:  # weights: "index out of bounds", "Storage Reader expects file format version 2", ...
+        raise UserError(
+            f"{package} has unreadable weights or program ({type(e).__name__}: {_one_line(e)}): {_REEXPORT_HINT}"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -518,6 +591,11 @@ class MilInterpreter:
 
     def __init__(self, program) -> None:
         self.program = program
+        if "main" not in program.functions:
+            raise UserError(
+                f"the package's program has no main function (functions: {', '.join(program.functions) or 'none'}): "
+                "give a package that `ptq4ris export-coreml` wrote"
+            )
         self.function = program.functions["main"]
         unknown = sorted(
             {op.op_type for op in self.function.operations if op.op_type not in OPS and op.op_type != "const"}

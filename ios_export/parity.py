@@ -25,11 +25,28 @@ __all__ = ["CoreMLProgram", "first_divergence", "run_parity", "stage_parity"]
 class CoreMLProgram:
     """A saved ``.mlpackage`` as a callable on torch tensors, executed by the MIL interpreter."""
 
-    def __init__(self, package: str | Path) -> None:
+    def __init__(self, package: str | Path, stage: str | None = None) -> None:
         self.path = Path(package)
         self.interpreter = MilInterpreter(load_program(self.path))
         self.input_names = self.interpreter.input_names
         self.input_shapes = [tuple(v.shape) for v in self.interpreter.function.inputs.values()]
+        if stage is not None:
+            self._check_stage(stage)
+
+    def _check_stage(self, stage: str) -> None:
+        """Refuse a package of another model or stage than ``stage`` (``full``, ``text``, ``visual``) by its inputs."""
+        from quantize.deploy.stages import STAGES
+
+        expected = STAGES[stage]
+        image = dict(zip(self.input_names, self.input_shapes)).get("image")
+        image_ok = image is None or (len(image) == 4 and image[1] == 3 and image[2] == image[3])
+        if tuple(self.input_names) != expected or not image_ok:
+            found = ", ".join(f"{n} {list(s)}" for n, s in zip(self.input_names, self.input_shapes)) or "none"
+            raise UserError(
+                f"{self.path} takes {found}, but a {stage} LAVT package takes {', '.join(expected)}"
+                f"{' (image [1, 3, S, S])' if 'image' in expected else ''}: give the {stage} package that "
+                "`ptq4ris export-coreml` wrote"
+            )
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.input_names):
@@ -50,7 +67,7 @@ def run_parity(
     """End-to-end parity of a full-model package, plus the stage packages beside it when they exist."""
     from .export_coreml import package_paths
 
-    program = CoreMLProgram(package)
+    program = CoreMLProgram(package, stage="full")
     report = parity_report(simulated, program, dataset, program.input_shapes[0][-1], limit, photos, progress)
     paths = package_paths(Path(package))
     if paths["text"].exists() and paths["visual"].exists():
@@ -62,7 +79,7 @@ def run_parity(
 def stage_parity(simulated: torch.nn.Module, text: Path, visual: Path, dataset, limit: int = 64) -> dict[str, Any]:
     """Each stage package alone, fed the simulated model's own inputs for that stage: the text package's features
     against the simulated text encoder's, and the visual package's masks given the simulated word features."""
-    text_program, visual_program = CoreMLProgram(text), CoreMLProgram(visual)
+    text_program, visual_program = CoreMLProgram(text, stage="text"), CoreMLProgram(visual, stage="visual")
     # Word features at padding positions are computed but masked out by every consumer; only real tokens count.
     max_diff, sum_diff, count, scale = 0.0, 0.0, 0, 0.0
     acc = ParityAccumulator()

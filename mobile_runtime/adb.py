@@ -9,13 +9,16 @@ loader pushed beside it (a phone has bionic, not glibc); an NDK-built runner is 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
+
 from quantize.errors import UserError
 
-__all__ = ["Adb", "AdbError", "DeviceSession", "glibc_bundle", "shell_join"]
+__all__ = ["Adb", "AdbError", "DeviceSession", "check_adb", "glibc_bundle", "shell_join"]
 
 DEVICE_ROOT = PurePosixPath("/data/local/tmp")
 ARM64_ABI = "arm64-v8a"
@@ -25,6 +28,30 @@ LOADER = "ld-linux-aarch64.so.1"
 
 class AdbError(UserError, RuntimeError):
     """Something about the device or the adb connection, with what to do about it."""
+
+
+ADB_HINT = "give --adb-path the adb executable of Android platform tools (Debian: apt install adb)"
+
+
+def check_adb(adb: str | os.PathLike) -> str:
+    """``adb`` (the ``--adb-path`` value) checked before anything runs it: a path must be an existing executable file,
+    a bare name must be on ``PATH``. Returns the path to run."""
+    text = os.fspath(adb)
+    if not text:
+        raise AdbError(f"--adb-path is empty; {ADB_HINT}")
+    if os.sep not in text and (os.altsep is None or os.altsep not in text):
+        found = shutil.which(text)
+        if found is None:
+            raise AdbError(f"--adb-path {text}: no {text!r} on PATH; {ADB_HINT}")
+        return text
+    path = Path(text)
+    if not path.exists():
+        raise AdbError(f"--adb-path {text}: no such file; {ADB_HINT}")
+    if path.is_dir():
+        raise AdbError(f"--adb-path {text} is a folder; {ADB_HINT}")
+    if not os.access(path, os.X_OK):
+        raise AdbError(f"--adb-path {text} is not executable (chmod +x it); {ADB_HINT}")
+    return text
 
 
 def shell_join(argv) -> str:
@@ -42,14 +69,18 @@ class Adb:
     """
 
     def __init__(self, adb: str = "adb", serial: str | None = None, timeout: float = 120) -> None:
-        self.adb, self.serial, self.timeout = adb, serial, timeout
+        self.adb, self.serial, self.timeout = check_adb(adb), serial, timeout
 
     def _run(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
         cmd = [self.adb, *(["-s", self.serial] if self.serial else []), *args]
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or self.timeout, check=False)
         except FileNotFoundError as e:
-            raise AdbError(f"{self.adb} not found: install Android platform tools (Debian: apt install adb)") from e
+            raise AdbError(f"--adb-path {self.adb}: not found; {ADB_HINT}") from e
+        except PermissionError as e:
+            raise AdbError(f"--adb-path {self.adb}: not executable ({e.strerror}); {ADB_HINT}") from e
+        except OSError as e:  # ENOEXEC (not a program for this machine), E2BIG, ...
+            raise AdbError(f"--adb-path {self.adb}: cannot be run ({e.strerror or e}); {ADB_HINT}") from e
         except subprocess.TimeoutExpired as e:
             raise AdbError(f"`adb {' '.join(args[:2])}` did not finish within {timeout or self.timeout:.0f} s") from e
 

@@ -22,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from quantize.errors import MissingFileError, UserError
+
+from .runtime import check_pte_file
 
 __all__ = ["NativeRunner", "RunResult", "ToolMissing", "build_runner", "executorch_root"]
 
@@ -174,6 +177,7 @@ class NativeRunner:
     def run(
         self, pte: str | Path, inputs: tuple[torch.Tensor, ...], warmup: int = 0, runs: int = 1, threads: int = 1
     ) -> RunResult:
+        check_pte_file(pte)  # a missing, foreign or truncated file is named here, not by the runner's exit status
         with tempfile.TemporaryDirectory(prefix="ptq4ris-run-") as tmp:
             folder = Path(tmp)
             cmd = [*self.prefix, str(self.binary), "--model", str(pte)]

@@ -125,6 +125,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from quantize.devices import resolve_device
+
+    resolve_device(args.device)  # before any model or data loads
     from quantize.outputs import check_output_folder
     from quantize.train import TRAINING_KIND, TrainConfig, train
 
@@ -212,6 +215,9 @@ def _dataset(args: argparse.Namespace, cfg):
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from quantize.devices import resolve_device
+
+    resolve_device(args.device)  # before any model or data loads
     from quantize.evaluate import evaluate, format_table
 
     if args.quantized:
@@ -338,6 +344,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
+    from quantize.devices import resolve_device
+
+    resolve_device(args.device)  # before any model or data loads
     from quantize.calibration.artifact import check_artifact_output, save_quantized
     from quantize.calibration.calibrate import calibrate, calibration_batch, calibration_record, default_everyday
     from quantize.calibration.recipe import make_recipe

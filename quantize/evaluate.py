@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .devices import resolve_device
 from .metrics import RisMetrics
 
 __all__ = ["evaluate", "format_table"]
@@ -48,6 +49,7 @@ def evaluate(
         limit: evaluate the first ``limit`` pairs only.
     """
     # Two statements: an exported PT2E module's eval() returns None instead of the module.
+    device = resolve_device(device)
     model.eval()
     model.to(device)
     data = _ShuffledExpressions(dataset) if shuffled_expressions else dataset
@@ -61,12 +63,18 @@ def evaluate(
 
         bar = tqdm(total=len(data), desc="evaluate", unit="pair")
     start = time.perf_counter()
-    for batch in loader:
-        logits = model(batch["image"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        kinds = [dataset.samples[i].kind for i in batch["index"].tolist()]
-        metrics.update(logits.argmax(1).cpu(), batch["target"], kinds)
-        if bar is not None:
-            bar.update(len(kinds))
+    try:
+        for batch in loader:
+            logits = model(batch["image"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            kinds = [dataset.samples[i].kind for i in batch["index"].tolist()]
+            metrics.update(logits.argmax(1).cpu(), batch["target"], kinds)
+            if bar is not None:
+                bar.update(len(kinds))
+    except BaseException:
+        if bar is not None:  # erase the bar: the error is the one line left on the terminal
+            bar.leave = False
+            bar.close()
+        raise
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - start

@@ -25,6 +25,7 @@ from .atomic import atomic_file
 from .data.preprocess import normalize_image
 from .data.refer import ReferDataset
 from .data.splits import open_split
+from .devices import resolve_device
 from .models.checkpoint import load_state_dict_checked, save_state_dict
 from .models.registry import build_model
 
@@ -99,11 +100,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Train and return the path of the weights file (non-text weights, safetensors)."""
     from .outputs import MANIFEST, check_output_folder, write_manifest
 
+    device = resolve_device(cfg.device)  # before anything is written: a machine without CUDA says so first
     out = check_output_folder(cfg.out_dir, "--out", TRAINING_KIND)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MANIFEST).exists():
         write_manifest(out, TRAINING_KIND)
-    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, pretrained=False)
     mcfg = model.config

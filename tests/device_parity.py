@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 
 from mobile_runtime.export_pte import program_paths
 from mobile_runtime.native_runner import RunResult, read_outputs, write_inputs
-from mobile_runtime.runtime import load_full_model, stage_paths
+from mobile_runtime.runtime import check_pte_file, load_full_model, stage_paths
 from quantize.deploy.parity_stats import NATURAL_PHOTOS, ParityAccumulator, lsb, natural_photo_pairs
 from quantize.deploy.stages import stage_inputs
 
@@ -89,6 +89,7 @@ class AdbPhone:
 
     def run(self, pte: Path, inputs, threads: int, warmup: int, runs: int) -> RunResult:
         if pte not in self.programs:
+            check_pte_file(pte)  # a damaged program is named here, not by the phone's loader
             self.programs[pte] = self.session.push(pte)
         with tempfile.TemporaryDirectory(prefix="ptq4ris-io-") as tmp:
             folder = Path(tmp)

@@ -102,7 +102,7 @@ def test_official_lavt_one_file_loads_strictly(lavt_b, tmp_path, caplog):
     sd["text_encoder.embeddings.position_ids"] = torch.arange(512)[None]
     path = tmp_path / "lavt_one_refcoco.pth"
     torch.save({"model": sd, "args": argparse.Namespace(swin_type="base", window12=True), "epoch": 39}, path)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):  # expected drops are logged at INFO: the default build prints no warning
         model = build_model("lavt-b", checkpoint=path)
     assert "dropped text_encoder.embeddings.position_ids" in caplog.text
     got = model.state_dict()

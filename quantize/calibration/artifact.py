@@ -34,7 +34,7 @@ from ..models.config import LavtConfig
 from ..models.lavt import LAVT
 from ..outputs import check_output_folder, folder_manifest, replace_folder
 from .placement import place_quantizers, quantized_sites, quantizers_of, rebuild_quantizers
-from .recipe import Recipe
+from .recipe import METHODS, Recipe
 
 __all__ = [
     "ARTIFACT_KIND",
@@ -212,13 +212,9 @@ def _verified_manifest(path: Path) -> dict[str, Any]:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from ..safe_files import read_safetensors
 
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise QuantizedArtifactError(f"{path} is not a readable safetensors file ({e}); recalibrate") from e
+    return read_safetensors(path, fix="recalibrate", error=QuantizedArtifactError)
 
 
 def check_quantized(path: str | Path, flag: str = "--quantized") -> Path:
@@ -242,8 +238,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> tupl
         recipe = Recipe.from_dict(config["recipe"])
         lavt_config = LavtConfig.from_dict(config["lavt_config"])
         sites = config["sites"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, not UTF-8, or a recipe Recipe refuses
         raise QuantizedArtifactError(f"corrupt {config_file} ({type(e).__name__}: {e}); recalibrate") from e
+    if recipe.method not in METHODS:
+        raise QuantizedArtifactError(f"corrupt {config_file}: unknown method {recipe.method!r}; recalibrate")
     model = LAVT(lavt_config).eval()
     place_quantizers(model, recipe)
     rebuild_quantizers(model, sites)

@@ -16,11 +16,12 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import atomic_file
 from ..errors import MissingFileError, UserError
+from ..safe_files import read_safetensors, read_torch_file
 
 __all__ = [
     "EMBEDDED_WEIGHTS",
@@ -47,22 +48,17 @@ class CheckpointMismatchError(UserError):
 
 
 def _read_file(path: Path) -> Mapping[str, object]:
-    if not path.is_file():
+    """The checkpoint's contents; every way the file can be broken is a one-line :class:`UserError` naming it."""
+    if not path.exists():
         raise MissingFileError(f"checkpoint not found: {path} (pass the path of a .pth or .safetensors file)")
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise UserError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it") from e
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(
-            f"{path} could not be read as a PyTorch checkpoint of plain tensors ({type(e).__name__}: {e}). "
-            "Only state dicts and the argparse.Namespace of official LAVT files are accepted; re-save other "
-            "pickles as a state dict or a .safetensors file"
-        ) from e
+        return read_safetensors(path, fix="re-download or re-save it")
+    return read_torch_file(
+        path,
+        allowed_globals=[argparse.Namespace],
+        fix="only state dicts and the argparse.Namespace of official LAVT files are accepted; re-save other "
+        "pickles as a state dict or a .safetensors file",
+    )
 
 
 def checkpoint_filter_fn(checkpoint: Mapping[str, object], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -85,7 +81,7 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, object], model: nn.Module) -> 
         if new_key != key:
             logger.warning("renamed %s -> %s", key, new_key)
         if new_key.endswith(_DROPPABLE_SUFFIXES) or new_key.startswith(_DROPPABLE_PREFIXES):
-            logger.warning("dropped %s (derived or unused by this model)", key)
+            logger.info("dropped %s (derived or unused by this model)", key)  # expected: e.g. BERT's unused pooler
             continue
         out[new_key] = value
     return out
