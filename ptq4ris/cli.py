@@ -745,6 +745,8 @@ def _run_segment(args: argparse.Namespace) -> int:
     from quantize.outputs import check_output_file
 
     check_output_file(args.out, "--out", (".png",), is_png, "PNG")  # refused before the model runs
+    if Path(args.out).resolve() == Path(args.image).resolve():
+        raise UserError(f"--out {args.out} is the --image photo itself: write the overlay to another file")
     if not Path(args.image).is_file():
         what = "a folder" if Path(args.image).is_dir() else "not found"
         raise UserError(f"--image {args.image}: {what}; give a photo file (any format Pillow reads)")

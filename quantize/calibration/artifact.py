@@ -244,6 +244,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> tupl
         raise QuantizedArtifactError(f"corrupt {config_file}: unknown method {recipe.method!r}; recalibrate")
     model = LAVT(lavt_config).eval()
     place_quantizers(model, recipe)
+    _check_recipe_matches_sites(model, recipe, sites, config_file)
     rebuild_quantizers(model, sites)
     state = _read_weights(weights_file)
     result = model.load_state_dict(state, strict=False)
@@ -253,6 +254,25 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> tupl
             f"unexpected {result.unexpected_keys[:5]}"
         )
     return model.to(device).eval(), recipe, config
+
+
+def _check_recipe_matches_sites(model: nn.Module, recipe: Recipe, sites: dict, config_file: Path) -> None:
+    """The recipe must be the one the stored quantizers were placed by (same kind and bits at every site and slot):
+    an edited recipe would otherwise label the results of another setting."""
+    for site in quantized_sites(model):
+        stored = sites.get(site.info.name)
+        if not isinstance(stored, dict):
+            raise QuantizedArtifactError(f"{config_file} has no quantizers for {site.info.name}: recalibrate")
+        for slot, quantizer in quantizers_of(site).items():
+            placed, kept = quantizer.spec(), stored.get(slot) or {}
+            if (placed.get("kind"), placed.get("bits")) != (kept.get("kind"), kept.get("bits")):
+                raise QuantizedArtifactError(
+                    f"{config_file}: its recipe ({recipe.method} {recipe.bits}) places a {placed.get('bits')}-bit "
+                    f"{placed.get('kind')} quantizer at {site.info.name} ({slot}), but the calibrated one is "
+                    f"{kept.get('bits')}-bit {kept.get('kind')}: the file was edited; recalibrate"
+                )
+    if set(sites) != {s.info.name for s in quantized_sites(model)}:
+        raise QuantizedArtifactError(f"{config_file} lists quantized sites its recipe does not place: recalibrate")
 
 
 def load_calibration_inputs(path: str | Path, model_config: LavtConfig) -> dict[str, torch.Tensor] | None:

@@ -63,6 +63,11 @@ def _read_file(path: Path) -> Mapping[str, object]:
 
 def checkpoint_filter_fn(checkpoint: Mapping[str, object], model: nn.Module) -> dict[str, torch.Tensor]:
     """Turn an official (``lavt_one`` or ``lavt``) or plain checkpoint into ``model``'s state-dict layout."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointMismatchError(
+            f"the checkpoint holds a {type(checkpoint).__name__}, not a state dict (a mapping of names to tensors): "
+            "give the .pth or .safetensors of a LAVT model"
+        )
     if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
         state = dict(checkpoint["model"])
         bert = checkpoint.get("bert_model")
@@ -117,9 +122,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, optional_prefix: str = "
     own package); every other key must match.
     """
     path = Path(path)
-    load_state_dict_checked(
-        model, checkpoint_filter_fn(_read_file(path), model), str(path), ignore_missing=optional_prefix
-    )
+    try:
+        state = checkpoint_filter_fn(_read_file(path), model)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{path}: {e}") from e
+    load_state_dict_checked(model, state, str(path), ignore_missing=optional_prefix)
 
 
 def load_text_encoder_weights(text_encoder: nn.Module, model_dir: str | Path) -> None:
