@@ -7,7 +7,12 @@ import json
 import pytest
 import torch
 
-from quantize.calibration.artifact import load_calibration_inputs, QuantizedArtifactError, load_quantized, save_quantized
+from quantize.calibration.artifact import (
+    QuantizedArtifactError,
+    load_calibration_inputs,
+    load_quantized,
+    save_quantized,
+)
 from quantize.calibration.calibrate import CalibrationBatch, calibrate
 from quantize.calibration.placement import (
     QuantMatMul,

@@ -27,15 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import resolve_device
+from ..models.roles import FoldGroup, layer_roles
 from . import folding
 from .everyday_expressions import EVERYDAY_EXPRESSIONS
 from .placement import (
     QuantConv1d,
     QuantLinear,
     QuantMatMul,
+    fold_batch_norms,
     place_quantizers,
     quantizers_of,
 )
+from .primitives.rorq import channel_group_order
+from .primitives.stable import range_order_key
 from .quantizers import DrqSoftmaxQuantizer, GroupQuantizer, TierQuantizer
 from .recipe import Recipe
 from .search import (
@@ -66,11 +71,13 @@ class CalibrationBatch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def chunks(self, size: int, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def chunks(self, size: int, device, dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, ...]]:
+        """(images, input_ids, attention_mask) per ``size`` pairs, on ``device``; images in ``dtype`` if given."""
         out = []
         for start in range(0, len(self), size):
             sl = slice(start, start + size)
-            out.append((self.images[sl].to(device), self.input_ids[sl].to(device), self.attention_mask[sl].to(device)))
+            images = self.images[sl].to(device, dtype)
+            out.append((images, self.input_ids[sl].to(device), self.attention_mask[sl].to(device)))
         return out
 
 
@@ -99,7 +106,10 @@ def calibration_batch(dataset, size: int = 32, everyday: int = 0) -> Calibration
             if len(picked) == size:
                 break
     if len(picked) < size:
-        raise UserError(f"the split has only {len(picked)} refs, fewer than the {size} calibration pairs asked for")
+        raise UserError(
+            f"the split has only {len(picked)} refs, fewer than the {size} calibration pairs asked for: lower "
+            f"--calib-size to {len(picked)} or less"
+        )
     items = [dataset[i] for i in picked]
     images = [it["image"] for it in items]
     tokens = [(it["input_ids"], it["attention_mask"]) for it in items]
@@ -142,6 +152,20 @@ def calibration_record(dataset, batch: CalibrationBatch, report: CalibrationRepo
     }
 
 
+# Calibration computes in float64 and returns the model in its own dtype. In float32 the search is chaotic under
+# float noise: an ulp of difference in one GEMM (another CPU's SIMD width or BLAS blocking) moves inputs across the
+# rounding edges of the fake quantizers downstream, which moves the KL gradient that weighs every candidate by
+# percents (measured: up to 40 % on a channel's loss for a 1e-6 relative change of the inputs), far beyond any
+# tolerance a decision rule can afford. In float64 the same noise is ~1e-16 relative, rounding edges are almost never
+# crossed, and the tolerances of .primitives.stable absorb what is left. Qparams end as float32 values computed
+# identically on every machine; float weights round-trip float32 -> float64 -> float32 exactly.
+CALIBRATION_DTYPE = torch.float64
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 # ---------------------------------------------------------------------------------------------------- folding
 def _channel_ranges(model: nn.Module, batch: CalibrationBatch, names: dict[str, int], chunk: int, device):
     """max |input| per channel of the named float modules (name → channel axis of their input)."""
@@ -156,7 +180,7 @@ def _channel_ranges(model: nn.Module, batch: CalibrationBatch, names: dict[str, 
 
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
     with torch.no_grad():
-        for images, ids, mask in batch.chunks(chunk, device):
+        for images, ids, mask in batch.chunks(chunk, device, _dtype(model)):
             model(images, ids, mask)
     for h in hooks:
         h.remove()
@@ -164,38 +188,51 @@ def _channel_ranges(model: nn.Module, batch: CalibrationBatch, names: dict[str, 
 
 
 def _fold_channel_orders(model: nn.Module, recipe: Recipe, batch: CalibrationBatch, chunk: int, device) -> dict:
-    """Fold range-sorting permutations for the channel-grouped quantizers the recipe uses."""
+    """Fold range-sorting permutations for the channel-grouped quantizers the recipe uses. Ranges are compared on a
+    grid of 2^-8 of the largest one, ties by channel index (:func:`.primitives.stable.range_order_key`): near-equal
+    ranges (many text channels sit at GELU's minimum) would otherwise swap places on float noise."""
+    roles = layer_roles(model)
+    wanted = {"text"} if recipe.text == "groups" else set()
+    wanted |= {"pwam"} if recipe.pwam_grouped else set()
     folded = {}
-    bert = model.text_encoder
-    layers = len(bert.encoder.layer)
-    stages = len(model.backbone.layers)
-    if recipe.text == "groups" or recipe.pwam_grouped:
-        hidden_inputs = {f"text_encoder.encoder.layer.{i}.attention.self.query": -1 for i in range(layers)}
-        hidden_inputs |= {f"text_encoder.encoder.layer.{i}.intermediate.dense": -1 for i in range(layers)}
-        hidden_inputs |= {f"backbone.layers.{s}.fusion.image_lang_att.f_key.0": 1 for s in range(stages)}
-        ranges = _channel_ranges(model, batch, hidden_inputs, chunk, device)
-        hidden = torch.stack(list(ranges.values())).amax(0)
-        folding.permute_text_hidden(model, torch.argsort(hidden.cpu(), stable=True))
-        folded["text_hidden"] = 1
-    if recipe.text == "groups":
-        names = {f"text_encoder.encoder.layer.{i}.output.dense": -1 for i in range(layers)}
-        names |= {f"text_encoder.encoder.layer.{i}.attention.output.dense": -1 for i in range(layers)}
-        ranges = _channel_ranges(model, batch, names, chunk, device)
-        heads = bert.config.num_attention_heads
-        for i in range(layers):
-            inter = ranges[f"text_encoder.encoder.layer.{i}.output.dense"].cpu()
-            folding.permute_bert_intermediate(model, i, torch.argsort(inter, stable=True))
-            context = ranges[f"text_encoder.encoder.layer.{i}.attention.output.dense"].cpu()
-            folding.permute_bert_context(model, i, folding.head_preserving_order(context, heads))
-        folded["text_intermediate"] = folded["text_context"] = layers
-    if recipe.pwam_grouped:
-        names = {f"backbone.layers.{s}.fusion.project_mm.0": 1 for s in range(stages)}
-        ranges = _channel_ranges(model, batch, names, chunk, device)
-        for s in range(stages):
-            order = torch.argsort(ranges[f"backbone.layers.{s}.fusion.project_mm.0"].cpu(), stable=True)
-            folding.permute_pwam_product(model, s, order)
-        folded["pwam_product"] = stages
+    for wave in _fold_waves([g for g in roles.fold_groups if wanted & set(g.quantizers)]):
+        # One forward pass measures every group of a wave, on the model the earlier waves left.
+        measured = {
+            name: _channel_axis(model.get_submodule(name))
+            for g in wave
+            for pattern in g.measured
+            for name in roles.find(model, pattern)
+        }
+        ranges = _channel_ranges(model, batch, measured, chunk, device)
+        for g in wave:
+            indices = [None] if g.per is None else roles.indices(model, g.patterns[0], g.per)
+            for index in indices:
+                fields = {} if index is None else {g.per: index}
+                names = [n for pattern in g.measured for n in roles.find(model, pattern, **fields)]
+                # Readers of the same activation see the same channels: the group's range is their max.
+                channel_range = torch.stack([ranges[n] for n in names]).amax(0).cpu()
+                if g.heads is None:
+                    order = channel_group_order(channel_range)
+                else:
+                    (attention,) = [model.get_submodule(n) for n in roles.find(model, g.heads, **fields)]
+                    order = folding.head_preserving_order(range_order_key(channel_range), attention.num_heads)
+                folding.permute_group(model, g, order, index)
+            folded[g.name] = len(indices)
     return folded
+
+
+def _fold_waves(groups: list[FoldGroup]) -> list[list[FoldGroup]]:
+    """``groups`` (in folding order) in waves: a group is measured after every group it names in ``after`` is folded,
+    and groups without such a dependency between them share a forward pass."""
+    level: dict[str, int] = {}
+    for g in groups:
+        level[g.name] = 1 + max((level[d] for d in g.after if d in level), default=-1)
+    return [[g for g in groups if level[g.name] == n] for n in sorted(set(level.values()))]
+
+
+def _channel_axis(module: nn.Module) -> int:
+    """The channel axis of a module's input: last for Linear (B, N, C), 1 for convolutions (B, C, L)."""
+    return -1 if isinstance(module, nn.Linear) else 1
 
 
 # ---------------------------------------------------------------------------------------------------- capture
@@ -284,7 +321,7 @@ def _run(model, batch, chunk, device, recorder, sites, reference=None) -> None:
     for s in sites:
         s.capture = recorder
     try:
-        for i, (images, ids, mask) in enumerate(batch.chunks(chunk, device)):
+        for i, (images, ids, mask) in enumerate(batch.chunks(chunk, device, _dtype(model))):
             if recorder.grads:
                 logits = model(images, ids, mask)
                 target = reference[i * chunk : i * chunk + images.shape[0]]
@@ -314,8 +351,8 @@ def _init_weights(site: nn.Module, recipe: Recipe) -> None:
 
 
 def _weight_blocks(site: nn.Module) -> int:
-    """Fused q/k/v Linears get one scale per block with per-tensor weights (PTQ4ViT)."""
-    return 3 if site.info.name.endswith("attn.qkv") else 1
+    """Fused q/k/v Linears get one scale per block with per-tensor weights (PTQ4ViT); the layer roles say which."""
+    return site.info.weight_blocks
 
 
 def _init_activations(model, sites, recipe, batch, chunk, device) -> dict[str, list[float]]:
@@ -397,17 +434,29 @@ def calibrate(
     chunk_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, CalibrationReport]:
     """A fake-quantized copy of ``model`` calibrated by ``recipe`` on ``batch``.
 
     Args:
         chunk_size: calibration pairs per forward/backward (lower it for big models on small memory).
         device: where calibration runs; the result stays there.
+        dtype: what calibration computes in (default :data:`CALIBRATION_DTYPE`, float64: the same qparams on every
+            machine); the result is returned in the model's own dtype. float32 is about 1.7x faster on CPU but its
+            qparams depend on the machine's float rounding.
     """
+    device = resolve_device(device)
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     model = copy.deepcopy(model).eval().to(device)
     model.requires_grad_(False)
+    own_dtype = _dtype(model)
+    fold_batch_norms(model)  # in the model's own dtype, as deployment folds them
+    compute = dtype or CALIBRATION_DTYPE
+    if compute == torch.float64 and torch.device(device).type == "mps":
+        logger.warning("MPS has no float64: calibrating in float32, so the qparams may differ between machines")
+        compute = torch.float32
+    model.to(compute)
     report = CalibrationReport(recipe)
     report.folded = _fold_channel_orders(model, recipe, batch, chunk_size, device)
     sites = place_quantizers(model, recipe)
@@ -421,7 +470,7 @@ def calibrate(
             _set_enabled(s, True)
     else:
         with torch.no_grad():
-            reference = torch.cat([model(*c) for c in batch.chunks(chunk_size, device)])
+            reference = torch.cat([model(*c) for c in batch.chunks(chunk_size, device, _dtype(model))])
         for s in sites:
             _set_enabled(s, True)
         blocks = _blocks(sites, recipe)
@@ -447,6 +496,6 @@ def calibrate(
                 bar.update(1)
         if bar is not None:
             bar.close()
-    model.eval()
+    model.to(own_dtype).eval()
     report.seconds = time.perf_counter() - start
     return model, report

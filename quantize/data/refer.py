@@ -24,11 +24,19 @@ from typing import Any
 import torch
 from pycocotools.coco import COCO
 
+from ..errors import MissingFileError, UserError
 from ..models.config import PreprocessConfig
 from .preprocess import Tokenizer, load_image, normalize_image, resize_image, resize_mask
-from ..errors import MissingFileError, UserError
 
-__all__ = ["load_refs", "ReferDataset", "RefSample", "DATASET_SPLITS", "default_image_dir"]
+__all__ = [
+    "DATASET_SPLITS",
+    "RefSample",
+    "ReferDataset",
+    "check_refs",
+    "default_image_dir",
+    "load_instances",
+    "load_refs",
+]
 
 # Which split_by each dataset has, and the splits of each (lichengunc/refer).
 DATASET_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -49,19 +57,116 @@ class _PlainUnpickler(pickle.Unpickler):
         )
 
 
+# What malformed pickle bytes raise besides UnpicklingError: a corrupt length field (OverflowError, MemoryError), opcodes
+# applied to the wrong objects (TypeError, AttributeError, IndexError, KeyError), undecodable strings (ValueError),
+# nesting deeper than the stack allows (RecursionError).
+_CORRUPT_PICKLE = (
+    pickle.UnpicklingError, EOFError, ValueError, OverflowError, MemoryError, TypeError, AttributeError, IndexError,
+    KeyError, RecursionError,
+)  # fmt: skip
+_FIX = "regenerate or fix the file"
+
+
 def load_refs(path: str | Path) -> list[dict[str, Any]]:
+    """The refs of a ``refs(*).p`` file: a list of dicts, unpickled without building any object but plain containers,
+    strings and numbers (a pickle that asks for anything else is refused without running it)."""
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"refs file not found: {path}")
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise MissingFileError(f"refs file {what}: {path}")
     try:
         with open(path, "rb") as f:
             refs = _PlainUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, OverflowError, MemoryError) as e:
-        # Corrupt length fields surface as OverflowError / MemoryError rather than UnpicklingError.
-        raise UserError(f"cannot read refs file {path}: {e}") from e
-    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
-        raise UserError(f"refs file {path} must hold a list of dicts, got {type(refs).__name__}")
+    except _CORRUPT_PICKLE as e:
+        raise UserError(f"cannot read refs file {path}: not a refs pickle ({type(e).__name__}: {e}); {_FIX}") from e
+    if not isinstance(refs, list):
+        raise UserError(f"refs file {path} must hold a list of dicts, got {type(refs).__name__}; {_FIX}")
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, dict):
+            raise UserError(f"refs file {path} must hold a list of dicts, got {type(ref).__name__} at #{i}; {_FIX}")
     return refs
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_refs(path: Path, refs: list[dict[str, Any]]) -> None:
+    """Refuse, naming the file and the ref, refs the reader cannot use: a missing or mistyped key, no sentences."""
+    for i, ref in enumerate(refs):
+        name = f"ref {ref['ref_id']}" if _is_id(ref.get("ref_id")) else f"ref #{i}"
+        for key in ("ref_id", "image_id", "ann_id"):
+            if key not in ref:
+                raise UserError(f"{path}: {name} has no {key!r}; {_FIX}")
+            if not _is_id(ref[key]):
+                raise UserError(f"{path}: {name} has {key} {ref[key]!r}, not a whole number; {_FIX}")
+        if not isinstance(ref.get("split"), str):
+            raise UserError(f"{path}: {name} has no split name ('split'); {_FIX}")
+        sentences = ref.get("sentences")
+        if not isinstance(sentences, list) or not sentences:
+            raise UserError(f"{path}: {name} has no sentences; {_FIX}")
+        for sent in sentences:
+            if not isinstance(sent, dict) or not isinstance(sent.get("sent"), str) or not _is_id(sent.get("sent_id")):
+                raise UserError(
+                    f"{path}: {name} has a sentence without 'sent' text or a whole-number 'sent_id'; {_FIX}"
+                )
+
+
+def load_instances(path: Path) -> dict[str, Any]:
+    """``instances.json``, checked for what the reader and pycocotools use: ``images`` (``id``, ``file_name``,
+    ``height``, ``width``) and ``annotations`` (``id``, ``image_id``, a polygon or RLE ``segmentation``)."""
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise MissingFileError(f"annotation file {what}: {path}")
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are no text
+        raise UserError(f"corrupt annotation file {path}: not JSON ({e}); {_FIX}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object with 'images' and 'annotations', got a {type(data).__name__}; "
+                        f"{_FIX}")  # fmt: skip
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"{path} has no {key!r} list; {_FIX}")
+    if "categories" in data and not isinstance(data["categories"], list):
+        raise UserError(f"{path}: 'categories' is not a list; {_FIX}")
+    for image in data["images"]:
+        if not isinstance(image, dict) or not _is_id(image.get("id")):
+            raise UserError(f"{path}: an image entry has no whole-number 'id'; {_FIX}")
+        if (
+            not isinstance(image.get("file_name"), str)
+            or not _is_id(image.get("height"))
+            or not _is_id(image.get("width"))
+        ):
+            raise UserError(f"{path}: image {image['id']} lacks 'file_name', 'height' or 'width'; {_FIX}")
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or not _is_id(ann.get("id")):
+            raise UserError(f"{path}: an annotation has no whole-number 'id'; {_FIX}")
+        if not _is_id(ann.get("image_id")):
+            raise UserError(f"{path}: annotation {ann['id']} has no whole-number 'image_id'; {_FIX}")
+        if "categories" in data and "category_id" not in ann:
+            raise UserError(f"{path}: annotation {ann['id']} has no 'category_id'; {_FIX}")
+        if not isinstance(ann.get("segmentation"), (list, dict)):
+            raise UserError(f"{path}: annotation {ann['id']} has no polygon or RLE 'segmentation'; {_FIX}")
+    for cat in data.get("categories", []):
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise UserError(f"{path}: a category has no 'id'; {_FIX}")
+    return data
+
+
+def check_links(refs_path: Path, refs: list[dict[str, Any]], instances: Path, coco: COCO) -> None:
+    """Every ref names an annotation and an image of ``instances.json``, and the annotation is on that image."""
+    for ref in refs:
+        ann = coco.anns.get(ref["ann_id"])
+        if ann is None:
+            raise UserError(f"{refs_path}: ref {ref['ref_id']} names annotation {ref['ann_id']}, which {instances} "
+                            f"lacks; {_FIX}")  # fmt: skip
+        if ref["image_id"] not in coco.imgs:
+            raise UserError(f"{refs_path}: ref {ref['ref_id']} names image {ref['image_id']}, which {instances} "
+                            f"lacks; {_FIX}")  # fmt: skip
+        if ann["image_id"] != ref["image_id"]:
+            raise UserError(f"{refs_path}: ref {ref['ref_id']} names annotation {ref['ann_id']} of image "
+                            f"{ann['image_id']} for image {ref['image_id']}; {_FIX}")  # fmt: skip
 
 
 def default_image_dir(refer_root: Path, dataset: str) -> Path:
@@ -116,37 +221,38 @@ class ReferDataset(torch.utils.data.Dataset):
         if not data_dir.is_dir():
             hint = " (create it with `ptq4ris data synth`)" if dataset == "shapesref" else ""
             raise MissingFileError(f"no {dataset} data under {self.refer_root}: {data_dir} is missing{hint}")
-        refs = load_refs(data_dir / f"refs({split_by}).p")
-        available = sorted({r.get("split") for r in refs if isinstance(r.get("split"), str)})
+        refs_path = data_dir / f"refs({split_by}).p"
+        refs = load_refs(refs_path)
+        check_refs(refs_path, refs)
+        available = sorted({r["split"] for r in refs})
         if split not in available:
             raise UserError(f"unknown split {split!r} for {dataset} ({split_by}); available: {available}")
         instances = data_dir / "instances.json"
-        if not instances.is_file():
-            raise MissingFileError(f"annotation file not found: {instances}")
-        try:
-            data = json.loads(instances.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"corrupt annotation file {instances}: {e}") from e
+        data = load_instances(instances)
         with contextlib.redirect_stdout(io.StringIO()):  # COCO prints progress
             self.coco = COCO()
             self.coco.dataset = data
             self.coco.createIndex()
+        split_refs = [r for r in refs if r["split"] == split]
+        check_links(refs_path, split_refs, instances, self.coco)
+        self.instances = instances
         self.image_dir = Path(image_dir) if image_dir is not None else default_image_dir(self.refer_root, dataset)
+        if not self.image_dir.is_dir():
+            flag = "--image-dir" if image_dir is not None else "--refer-root"
+            raise MissingFileError(f"image folder not found: {self.image_dir} (check {flag})")
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.preprocess = preprocess
         self.samples: list[RefSample] = []
-        for ref in refs:
-            if ref.get("split") != split:
-                continue
+        for ref in split_refs:
             for sent in ref["sentences"]:
                 self.samples.append(
                     RefSample(
-                        int(ref["ref_id"]),
-                        int(ref["image_id"]),
-                        int(ref["ann_id"]),
-                        int(sent["sent_id"]),
-                        str(sent["sent"]),
+                        ref["ref_id"],
+                        ref["image_id"],
+                        ref["ann_id"],
+                        sent["sent_id"],
+                        sent["sent"],
                         str(sent.get("kind", "")),
                     )
                 )
@@ -164,7 +270,13 @@ class ReferDataset(torch.utils.data.Dataset):
 
     def target(self, ann_id: int) -> torch.Tensor:
         """The referred object's mask, NEAREST-resized to the model size, (S, S) uint8 in {0, 1}."""
-        mask = self.coco.annToMask(self.coco.anns[ann_id])
+        try:
+            mask = self.coco.annToMask(self.coco.anns[ann_id])
+        except Exception as e:  # pycocotools raises whatever its C code or numpy hits on a malformed segmentation
+            raise UserError(
+                f"{self.instances}: annotation {ann_id} has a segmentation pycocotools cannot decode "
+                f"({type(e).__name__}: {e}); {_FIX}"
+            ) from e
         return torch.from_numpy(resize_mask(mask, self.image_size))
 
     def __getitem__(self, index: int) -> dict[str, Any]:

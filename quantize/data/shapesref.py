@@ -310,7 +310,8 @@ def _iter_scenes(seed: int, split: str, count: int, workers: int) -> Iterator[tu
         for job in jobs:
             yield from _render_split(job)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    # Never more processes than jobs or cores: under fork, the pool starts all of them at once.
+    with ProcessPoolExecutor(min(workers, len(jobs), os.cpu_count() or 1)) as pool:
         for result in pool.map(_render_split, jobs):
             yield from result
 
@@ -397,6 +398,7 @@ def write_shapesref(
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(root)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=root))
+    bar = None
     try:
         ann_dir, img_dir = tmp / "shapesref", tmp / "images" / "shapesref"
         ann_dir.mkdir(parents=True)
@@ -406,7 +408,6 @@ def write_shapesref(
         categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
         cat_id = {s: i + 1 for i, s in enumerate(SHAPES)}
         image_id = ann_id = ref_id = sent_id = 0
-        bar = None
         if progress:
             from tqdm import tqdm
 
@@ -483,6 +484,11 @@ def write_shapesref(
                 os.replace(dest, tmp / f"previous-{sub.replace(os.sep, '-')}")
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / sub, dest)
+    except BaseException:
+        if bar is not None:  # erase the bar now, not at exit after the error line: the error is the last line shown
+            bar.leave = False
+            bar.close()
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .stable import snap, stable_argmin
+
 __all__ = [
     "GELU_MIN",
     "drq_softmax_fake_quant",
@@ -50,11 +52,17 @@ def drq_softmax_fake_quant(x: torch.Tensor, bits: int, m: int) -> torch.Tensor:
 
 
 def search_drq_softmax(x: torch.Tensor, bits: int, objective=None, exponents: range = range(20)) -> tuple[int, float]:
-    """The split exponent m minimising ``objective(x̂)`` (default: MSE to ``x``). Returns (m, its loss)."""
-    objective = objective or (lambda xq: torch.mean((xq - x) ** 2).item())
-    losses = [(objective(drq_softmax_fake_quant(x, bits, m)), m) for m in exponents]
-    loss, m = min(losses)
-    return m, loss
+    """The split exponent m minimising ``objective(x̂)`` (default: MSE to ``x``, accumulated in float64); losses
+    within :data:`.stable.LOSS_RTOL` of each other go to the first exponent. Returns (m, its loss)."""
+    objective = objective or (lambda xq: _mse64(xq, x))
+    exponents = list(exponents)
+    losses = [float(objective(drq_softmax_fake_quant(x, bits, m))) for m in exponents]
+    best = int(stable_argmin(torch.tensor(losses, dtype=torch.float64)))
+    return exponents[best], losses[best]
+
+
+def _mse64(xq: torch.Tensor, x: torch.Tensor) -> float:
+    return float((xq.double() - x.double()).square().mean())
 
 
 def drq_gelu_fake_quant(x: torch.Tensor, bits: int, delta_pos: float) -> torch.Tensor:
@@ -78,9 +86,9 @@ def search_drq_gelu(
 ) -> tuple[float, float]:
     """Search Δ_pos. Candidates are α · Δ0 with Δ0 = max(x) / (2^(b−1) − 0.5) (PTQ4ViT's grid), or, with
     ``pow2_ratio``, 2^k · Δ_neg for every k that gives a step between the extreme candidates. Returns (Δ_pos, loss)."""
-    objective = objective or (lambda xq: torch.mean((xq - x) ** 2).item())
+    objective = objective or (lambda xq: _mse64(xq, x))
     levels = _levels(bits)
-    delta0 = max(float(x.max()), 1e-8) / (levels + 0.5)
+    delta0 = snap(max(float(x.max()), 1e-8), mode="out") / (levels + 0.5)  # snapped: see .stable
     if pow2_ratio:
         delta_neg = GELU_MIN / 2 ** (bits - 1)
         lo, hi = alpha_range[0] * delta0, alpha_range[1] * delta0
@@ -88,6 +96,8 @@ def search_drq_gelu(
         k_hi = int(torch.ceil(torch.log2(torch.tensor(hi / delta_neg))))
         steps = [delta_neg * 2.0**k for k in range(k_lo, k_hi + 1)]
     else:
-        steps = [a * delta0 for a in torch.linspace(alpha_range[0], alpha_range[1], candidates).tolist()]
-    loss, step = min((objective(drq_gelu_fake_quant(x, bits, d)), d) for d in steps)
-    return step, loss
+        a0, a1 = alpha_range
+        steps = [(a0 + (a1 - a0) * i / max(candidates - 1, 1)) * delta0 for i in range(candidates)]
+    losses = [float(objective(drq_gelu_fake_quant(x, bits, d))) for d in steps]
+    best = int(stable_argmin(torch.tensor(losses, dtype=torch.float64)))
+    return steps[best], losses[best]

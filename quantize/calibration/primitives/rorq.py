@@ -17,16 +17,19 @@ from dataclasses import dataclass
 
 import torch
 
+from .stable import range_order_key, snap
 from .uniform import UniformSpec, minmax_qparams, qrange
 
 __all__ = ["RorqTiers", "calibrate_tiers", "channel_group_order", "ChannelGroups", "calibrate_channel_groups"]
 
 
 def _asym_grid(values: torch.Tensor, bits: int) -> tuple[float, float]:
-    """(scale, zero point) of the asymmetric min-max grid over ``values`` (an empty tier gets a grid around 0)."""
+    """(scale, zero point) of the asymmetric min-max grid over ``values`` (an empty tier gets a grid around 0); the
+    extremes are snapped outward (:func:`.stable.snap`) so that float noise leaves the grid unchanged."""
     if values.numel() == 0:
         values = torch.zeros(1)
-    scale, zero_point = minmax_qparams(values, UniformSpec(bits, symmetric=False))
+    extremes = snap(torch.stack([values.min(), values.max()]).float(), mode="out")
+    scale, zero_point = minmax_qparams(extremes, UniformSpec(bits, symmetric=False))
     return float(scale), float(zero_point)
 
 
@@ -60,7 +63,10 @@ class RorqTiers:
 
 
 def calibrate_tiers(x: torch.Tensor, bits: int, max_tiers: int = 10, k_sigma: float = 3.0) -> RorqTiers:
-    """Nested 3σ magnitude tiers over the calibration values ``x`` (any shape)."""
+    """Nested 3σ magnitude tiers over the calibration values ``x`` (any shape).
+
+    The statistics are taken in float64 and each threshold is snapped to :data:`.stable.STAT_BITS` significant bits
+    before values are compared with it, so that float noise in ``x`` does not move the tiers."""
     if max_tiers < 1:
         raise ValueError(f"max_tiers must be at least 1, got {max_tiers}")
     values = x.detach().flatten().float()
@@ -68,7 +74,8 @@ def calibrate_tiers(x: torch.Tensor, bits: int, max_tiers: int = 10, k_sigma: fl
     thresholds: list[float] = []
     remaining = mags
     while len(thresholds) < max_tiers - 1 and remaining.numel() > 1:
-        t = float(remaining.mean() + k_sigma * remaining.std())
+        r64 = remaining.double()
+        t = snap(float(r64.mean() + k_sigma * r64.std()))
         above = remaining[remaining > t]
         if above.numel() == 0:
             break
@@ -83,8 +90,9 @@ def calibrate_tiers(x: torch.Tensor, bits: int, max_tiers: int = 10, k_sigma: fl
 
 
 def channel_group_order(channel_range: torch.Tensor) -> torch.Tensor:
-    """Permutation putting channels in ascending order of calibrated range (stable, so ties keep their order)."""
-    return torch.argsort(channel_range, stable=True)
+    """Permutation putting channels in ascending order of calibrated range, compared in steps of 2^-8 of the largest
+    range (:func:`.stable.range_order_key`) and stable, so near-ties keep their channel order under float noise."""
+    return torch.argsort(range_order_key(channel_range), stable=True)
 
 
 @dataclass(frozen=True)
