@@ -78,16 +78,28 @@ def filter_native_stderr() -> Iterator[None]:
     os.close(write_end)
 
     def pump() -> None:
+        # Lines are passed on as they arrive, not held to their newline (progress bars redraw with carriage returns):
+        # a line is held only while its first bytes could still be the start of a known native line.
+        line, verdict = b"", None  # verdict: None undecided, True pass, False drop
         with os.fdopen(read_end, "rb", buffering=0) as pipe:
-            pending = b""
             while chunk := pipe.read(65536):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                kept = b"".join(line + b"\n" for line in lines if not line.startswith(KNOWN_NATIVE_LINES))
-                if kept:
-                    os.write(saved, kept)
-            if pending and not pending.startswith(KNOWN_NATIVE_LINES):
-                os.write(saved, pending)
+                while chunk:
+                    ends = [i for i in (chunk.find(b"\n"), chunk.find(b"\r")) if i >= 0]
+                    end = min(ends) + 1 if ends else len(chunk)
+                    piece, chunk = chunk[:end], chunk[end:]
+                    if verdict is None:
+                        line += piece
+                        if line.startswith(KNOWN_NATIVE_LINES):
+                            verdict = False
+                        elif not _could_be_known(line) or piece.endswith((b"\n", b"\r")):
+                            verdict = True
+                            os.write(saved, line)
+                    elif verdict:
+                        os.write(saved, piece)
+                    if piece.endswith((b"\n", b"\r")):
+                        line, verdict = b"", None
+            if verdict is None and line:
+                os.write(saved, line)
 
     thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
     thread.start()
@@ -98,3 +110,8 @@ def filter_native_stderr() -> Iterator[None]:
         os.dup2(saved, fd)  # closes the pipe's last write end held by this process: the pump drains and ends
         thread.join(timeout=5)
         os.close(saved)
+
+
+def _could_be_known(start: bytes) -> bool:
+    """Whether a line beginning with ``start`` (shorter than the prefixes) may still turn out to be a known one."""
+    return any(prefix.startswith(start) for prefix in KNOWN_NATIVE_LINES if len(start) < len(prefix))

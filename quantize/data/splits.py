@@ -44,6 +44,8 @@ def open_split(
     except UserError as e:
         if split not in DATASET_SPLITS.get(dataset, {}).get(split_by, ()):
             raise  # a name that exists nowhere: the message already lists the valid ones
+        if "--image-dir" in str(e):
+            raise  # the annotations were found; the message names the image folder and the flag
         kind = MissingFileError if isinstance(e, FileNotFoundError) else UserError
         where = f"{dataset} {split_by} {split} under {Path(refer_root)}"
         raise kind(f"cannot read {where}: {e}; {_fix(refer_root, dataset, split)}") from e
