@@ -174,7 +174,10 @@ def replace_folder(
     staging = path.parent / f".{path.name}{_STAGING}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        new = staging / "new"
+        # Under its own name (writers such as coremltools append a missing .mlpackage suffix), one level below the
+        # staging folder so that it can never collide with the previous result moved aside beside it.
+        (staging / "new").mkdir()
+        new = staging / "new" / path.name
         yield new
         if kind is not None and not (new / MANIFEST).exists():  # the block may write a richer manifest itself
             new.mkdir(exist_ok=True)

@@ -90,7 +90,7 @@ def test_second_run_reuses_every_step_and_a_new_limit_reruns_only_what_depends_o
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="unknown bit setting 'w3a3'"):
+    with pytest.raises(ValueError, match="'w3a3': choose one of"):
         run_demo(_config(tmp_path / "refer", tmp_path / "out", bits="w3a3"))
     with pytest.raises(ValueError, match="must be positive"):
         run_demo(_config(tmp_path / "refer", tmp_path / "out", limit=0))

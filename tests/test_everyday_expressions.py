@@ -3,6 +3,8 @@ that export rebuilds the same pairs, and that they keep typed sentences inside t
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -58,12 +60,25 @@ def test_everyday_expressions_by_default_only_at_8_bit_activations():
     assert default_everyday(make_recipe("ptq4ris", "w6a6")) == 0
 
 
-def test_export_observes_output_ranges_on_the_same_pairs(tiny, train):
-    config = {"calibration": {"dataset": "shapesref", "split_by": "unc", "split": "train", "everyday_expressions": 3}}
-    pairs = calibration_inputs(tiny, config, train.refer_root, 4)
+def test_export_observes_output_ranges_on_the_same_pairs(tiny, train, tmp_path):
+    """Export reads the pairs stored in the artifact: the split pairs first (at most ``pairs`` of them), then every
+    everyday expression, each exactly as calibration saw it."""
+    from quantize.calibration.artifact import save_quantized
+    from quantize.calibration.placement import place_quantizers
+
     batch = calibration_batch(train, 4, everyday=3)
+    model = copy.deepcopy(tiny)
+    recipe = make_recipe("minmax", "w8a8")
+    place_quantizers(model, recipe)
+    record = {"calibration": {"dataset": "shapesref", "split": "train", "pairs": 4, "everyday_expressions": 3}}
+    artifact = save_quantized(model, recipe, tmp_path / "art", "lavt-tiny", record, calibration_inputs=batch)
+    pairs = calibration_inputs(tiny, artifact, 4)
     assert len(pairs) == 7
-    assert all(torch.equal(ids[0], batch.input_ids[i]) for i, (_, ids, _) in enumerate(pairs))
+    for i, (image, ids, mask) in enumerate(pairs):
+        assert torch.equal(image[0], batch.images[i]) and torch.equal(ids[0], batch.input_ids[i])
+        assert torch.equal(mask[0], batch.attention_mask[i])
+    fewer = calibration_inputs(tiny, artifact, 2)  # the first 2 split pairs, then the 3 everyday ones
+    assert [torch.equal(p[1][0], batch.input_ids[i]) for p, i in zip(fewer, (0, 1, 4, 5, 6))] == [True] * 5
 
 
 def _ffn_input_error(model, sentences, tokenizer) -> float:
