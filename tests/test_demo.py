@@ -175,11 +175,11 @@ def test_segment_bad_input_is_named(demo_run, tmp_path, capsys):
     corrupt = tmp_path / "broken.jpg"
     corrupt.write_bytes(b"not an image")
     cases = [
-        (["--image", scene, "--text", "x", "--backend", "pte"], "needs --pte"),
+        (["--image", scene, "--text", "x", "--backend", "pte"], "add --pte"),
         (["--image", scene, "--text", "   "], "expression is empty"),
         (["--image", str(corrupt), "--text", "the cat"], "corrupt or unreadable image"),
-        (["--image", str(tmp_path / "none.png"), "--text", "the cat"], "image not found"),
-        (["--image", scene, "--text", "x", "--out", str(tmp_path / "mask.jpg")], "must name a .png"),
+        (["--image", str(tmp_path / "none.png"), "--text", "the cat"], "none.png: not found"),
+        (["--image", scene, "--text", "x", "--out", str(tmp_path / "mask.jpg")], "name a .png file"),
     ]
     for argv, message in cases:
         assert main(["segment", *argv]) == 2
