@@ -1208,7 +1208,9 @@ def run_case(case: Case, fixtures: Path, workdir: Path, keep: bool = False) -> R
         child = subprocess.Popen(argv, cwd=tmp, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                  env=_child_env(case.env), start_new_session=True)  # fmt: skip
         interrupted = False
+        peak_kb = 0
         while True:
+            peak_kb = max(peak_kb, _high_water_kb(child.pid))
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
@@ -1226,7 +1228,9 @@ def run_case(case: Case, fixtures: Path, workdir: Path, keep: bool = False) -> R
         result.seconds = time.monotonic() - start
         child.returncode = os.waitstatus_to_exitcode(status)
     result.code = None if result.timed_out else child.returncode
-    result.rss_mb = usage.ru_maxrss / 1024  # kilobytes on Linux
+    # The child's own high-water mark: ru_maxrss would also count the runner's memory the child inherited at fork
+    # (a test process holding models is gigabytes), so it serves only where /proc cannot be read.
+    result.rss_mb = (peak_kb or usage.ru_maxrss) / 1024
     result.cpu_seconds = usage.ru_utime + usage.ru_stime
     result.stdout = _redact(_read(out_path), tmp, fixtures)
     result.stderr = _redact(_read(err_path), tmp, fixtures)
@@ -1237,6 +1241,18 @@ def run_case(case: Case, fixtures: Path, workdir: Path, keep: bool = False) -> R
         for p in (out_path, err_path):
             p.unlink(missing_ok=True)
     return result
+
+
+def _high_water_kb(pid: int) -> int:
+    """Peak resident memory of the running process ``pid`` since its exec (VmHWM), 0 when unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def run_cases(cases: Iterable[Case], fixtures: Path, workdir: Path, jobs: int = 2,
