@@ -335,6 +335,12 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="row-sampling seed (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument(
+        "--float64",
+        action="store_true",
+        help="calibrate in float64: the same qparams on every machine (compare the qparams_digest in the manifest), "
+        "at several times the time",
+    )
+    p.add_argument(
         "--chunk-size",
         type=positive_int,
         default=32,
@@ -370,7 +376,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     model = build_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)
     dataset = _dataset(args, model.config)  # a split it cannot read raises with the fix (open_split)
     batch = calibration_batch(dataset, args.calib_size, default_everyday(recipe, args.everyday_expressions))
-    quantized, report = calibrate(model, recipe, batch, chunk_size=args.chunk_size, device=args.device, progress=True)
+    import torch
+
+    dtype = torch.float64 if args.float64 else None
+    quantized, report = calibrate(
+        model, recipe, batch, chunk_size=args.chunk_size, device=args.device, progress=True, dtype=dtype
+    )
     extra = {"calibration": calibration_record(dataset, batch, report)}
     out = save_quantized(quantized.cpu(), recipe, args.out, args.model, extra, calibration_inputs=batch)
     print(

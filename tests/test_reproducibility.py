@@ -192,11 +192,11 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_digest(setup):
     tiny, batch, recipe = setup
-    quantized, _ = calibrate(tiny, recipe, batch)
+    quantized, _ = calibrate(tiny, recipe, batch, dtype=torch.float64)
     return qparams_digest(quantized)
 
 
-# Calibration runs in float64 (CALIBRATION_DTYPE), where two machines differ by ~1e-16 relative: 1e-10 is a million
+# Calibration in float64 (REPRODUCIBLE_DTYPE, `ptq4ris calibrate --float64`), where two machines differ by ~1e-16 relative: 1e-10 is a million
 # times that, on the images and on every text embedding of every forward pass. Before the float64 calibration and the
 # stable decision rules, 1e-7 (about one float32 ulp, the size of the difference between two machines' float32
 # arithmetic) changed some 200,000 qparam values of this calibration. (1e-6 still changes them, in float64 too: at
@@ -206,7 +206,7 @@ INPUT_NOISE = 1e-10
 
 
 def test_calibration_ignores_input_noise(setup, reference_digest):
-    assert calibrate_module.CALIBRATION_DTYPE == torch.float64
+    assert calibrate_module.REPRODUCIBLE_DTYPE == torch.float64
     tiny, batch, recipe = setup
     g = torch.Generator().manual_seed(0)
     images = batch.images.double() * (
@@ -220,7 +220,7 @@ def test_calibration_ignores_input_noise(setup, reference_digest):
         return out * (1 + INPUT_NOISE * torch.randn(out.shape, generator=g, dtype=torch.float64)).to(out.dtype)
 
     model.text_encoder.embeddings.register_forward_hook(text_noise)
-    quantized, _ = calibrate(model, recipe, noisy)
+    quantized, _ = calibrate(model, recipe, noisy, dtype=torch.float64)
     assert qparams_digest(quantized) == reference_digest
 
 
@@ -229,7 +229,7 @@ def test_calibration_ignores_the_thread_count(setup, reference_digest):
     threads = torch.get_num_threads()  # 1 in the tests (conftest)
     torch.set_num_threads(2 if threads == 1 else 1)
     try:
-        quantized, _ = calibrate(tiny, recipe, batch)
+        quantized, _ = calibrate(tiny, recipe, batch, dtype=torch.float64)
     finally:
         torch.set_num_threads(threads)
     assert qparams_digest(quantized) == reference_digest

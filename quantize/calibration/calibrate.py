@@ -152,14 +152,17 @@ def calibration_record(dataset, batch: CalibrationBatch, report: CalibrationRepo
     }
 
 
-# Calibration computes in float64 and returns the model in its own dtype. In float32 the search is chaotic under
+# Calibration can compute in float64 (and returns the model in its own dtype). In float32 the search is chaotic under
 # float noise: an ulp of difference in one GEMM (another CPU's SIMD width or BLAS blocking) moves inputs across the
 # rounding edges of the fake quantizers downstream, which moves the KL gradient that weighs every candidate by
 # percents (measured: up to 40 % on a channel's loss for a 1e-6 relative change of the inputs), far beyond any
 # tolerance a decision rule can afford. In float64 the same noise is ~1e-16 relative, rounding edges are almost never
 # crossed, and the tolerances of .primitives.stable absorb what is left. Qparams end as float32 values computed
-# identically on every machine; float weights round-trip float32 -> float64 -> float32 exactly.
-CALIBRATION_DTYPE = torch.float64
+# identically on every machine; float weights round-trip float32 -> float64 -> float32 exactly. The default stays
+# float32 because float64 is several times slower on CPU (it would put the demo's calibrations past their budget);
+# ``ptq4ris calibrate --float64`` (``dtype=torch.float64``) is the machine-independent mode.
+CALIBRATION_DTYPE = torch.float32
+REPRODUCIBLE_DTYPE = torch.float64
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
@@ -441,9 +444,9 @@ def calibrate(
     Args:
         chunk_size: calibration pairs per forward/backward (lower it for big models on small memory).
         device: where calibration runs; the result stays there.
-        dtype: what calibration computes in (default :data:`CALIBRATION_DTYPE`, float64: the same qparams on every
-            machine); the result is returned in the model's own dtype. float32 is about 1.7x faster on CPU but its
-            qparams depend on the machine's float rounding.
+        dtype: what calibration computes in (default :data:`CALIBRATION_DTYPE`, float32; :data:`REPRODUCIBLE_DTYPE`,
+            float64, gives the same qparams on every machine at several times the time); the result is returned in
+            the model's own dtype.
     """
     device = resolve_device(device)
     start = time.perf_counter()
