@@ -6,16 +6,23 @@ model), each candidate grid is scored by ``mean((G ⊙ (O − Ô))²)`` — the 
 increase. All candidates of one quantizer are evaluated in a few batched matmuls (chunks of ``K`` candidates stacked
 on a leading axis) instead of one forward each. Weight grids are searched per output channel at no extra cost: with
 the input grid fixed, the objective is a sum of independent per-channel terms.
+
+Every discrete choice is made so that float noise cannot flip it (:mod:`.primitives.stable`): losses are accumulated
+in float64, the best candidate must beat the incumbent by more than ``LOSS_RTOL`` (relative; ties go to the smaller
+α), the screening keeps its candidates by rounded loss with an index tie-break, the α grid is computed in float64,
+and the data ranges that scale the grids are snapped to ``STAT_BITS`` significant bits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .primitives.rorq import calibrate_tiers
+from .primitives.stable import LOSS_RTOL, snap, snap_range, stable_argmin, stable_smallest
 from .primitives.uniform import UniformSpec, minmax_qparams
 from .quantizers import (
     DrqGeluQuantizer,
@@ -26,9 +33,9 @@ from .quantizers import (
     UniformQuantizer,
 )
 
-__all__ = ["LinearCapture", "MatMulCapture", "init_activation", "search_linear", "search_matmul"]
+__all__ = ["LOSS_RTOL", "LinearCapture", "MatMulCapture", "init_activation", "search_linear", "search_matmul"]
 
-_CHUNK_ELEMENTS = 1 << 25  # elements of one candidate chunk's largest tensor (128 MB in fp32)
+_CHUNK_BYTES = 1 << 27  # one candidate chunk's largest tensor (128 MB: 2^25 float32 or 2^24 float64 elements)
 
 
 @dataclass
@@ -62,10 +69,14 @@ class MatMulCapture:
 
 
 def _objective(kind: str, ref: torch.Tensor, cand: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-    """Per-candidate, per-output-channel loss: (K, C_out) from ``cand`` (K, ..., C_out, consumed) and ``ref``
-    (..., C_out). Cosine is per row, not per channel: it returns (K, 1)."""
+    """Per-candidate, per-output-channel loss, float64: (K, C_out) from ``cand`` (K, ..., C_out, consumed) and
+    ``ref`` (..., C_out). Cosine is per row, not per channel: it returns (K, 1).
+
+    Squares and sums are float64 whatever the calibration dtype (a float32 value squares exactly in float64), so that
+    a loss does not depend on the machine's summation order (SIMD width, threads) beyond ~1e-16 relative."""
     if kind == "cosine":
-        cos = torch.nn.functional.cosine_similarity(cand, ref.expand_as(cand), dim=-1)
+        c64 = cand.to(torch.float64)
+        cos = torch.nn.functional.cosine_similarity(c64, ref.to(torch.float64).expand_as(c64), dim=-1)
         return -cos.flatten(1).mean(1, keepdim=True)
     if kind not in ("hessian", "mse"):
         raise ValueError(f"unknown objective {kind!r}")
@@ -75,11 +86,12 @@ def _objective(kind: str, ref: torch.Tensor, cand: torch.Tensor, grad: torch.Ten
         if grad is None:
             raise ValueError("the Hessian objective needs gradients")
         diff.mul_(grad)
-    return diff.square_().flatten(1, -2).mean(1)
+    flat = diff.flatten(1, -2)
+    return flat.to(torch.float64).square_().sum(1) / max(flat.shape[1], 1)
 
 
-def _chunks(total: int, per_candidate_elements: int):
-    size = max(1, _CHUNK_ELEMENTS // max(per_candidate_elements, 1))
+def _chunks(total: int, per_candidate_elements: int, element_size: int = 4):
+    size = max(1, _CHUNK_BYTES // max(per_candidate_elements * element_size, 1))
     for start in range(0, total, size):
         yield slice(start, min(start + size, total))
 
@@ -87,30 +99,37 @@ def _chunks(total: int, per_candidate_elements: int):
 def _evaluate(n: int, loss_fn, n_rows: int, recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """Score ``n`` candidates. ``loss_fn(indices, rows)`` gives (len(indices), C) losses on a row slice. With many
     rows, all candidates are first screened on ``screen_rows`` rows (a random subset: rows were sampled at random)
-    and the ``refine`` best are scored again on every row. Returns (indices scored on every row, their losses)."""
+    and the ``refine`` best are scored again on every row (kept by rounded loss, ties by index: see
+    :func:`.primitives.stable.stable_smallest`). Returns (ascending indices scored on every row, their losses)."""
     everything = torch.arange(n)
     if n_rows > recipe.screen_rows and n > recipe.refine:
         screen = loss_fn(everything, slice(0, recipe.screen_rows)).sum(1)
-        top = torch.topk(screen, recipe.refine, largest=False).indices.sort().values
+        top = stable_smallest(screen, recipe.refine)
         return top, loss_fn(top, slice(None))
     return everything, loss_fn(everything, slice(None))
 
 
 def _alphas(n: int, lo: float, hi: float, device) -> torch.Tensor:
-    return torch.linspace(lo, hi, n, device=device)
+    """The α grid in float64, each value computed by Python's IEEE arithmetic (no vectorised kernel whose rounding
+    could depend on the CPU); grids derived from it are rounded to float32 once, at the end."""
+    return torch.tensor([lo + (hi - lo) * i / max(n - 1, 1) for i in range(n)], dtype=torch.float64, device=device)
 
 
 def _uniform_candidates(q: UniformQuantizer, lo: float, hi: float, alphas: torch.Tensor):
     """(scales, zero points) of the activation grids for every α, shaped (K,): magnitudes clipped at α·max|x|
     (symmetric: Δ = α·Δ0; asymmetric: the grid spans [lo, hi] ∩ [−α·max|x|, α·max|x|], so a one-sided outlier
-    does not drag the other side of the grid with it)."""
+    does not drag the other side of the grid with it). The range is snapped outward to ``STAT_BITS`` significant
+    bits and the grids computed in float64 (``alphas``), then rounded to float32: float noise in the observed range
+    leaves the candidates unchanged."""
+    lo, hi = snap_range(lo, hi)
     amax = max(abs(lo), abs(hi), 1e-8)
+    alphas = alphas.to(torch.float64)
     if q.symmetric:
-        return alphas * amax / (q.qmax + 0.5), torch.zeros_like(alphas)
+        return (alphas * amax / (q.qmax + 0.5)).float(), torch.zeros_like(alphas, dtype=torch.float32)
     lo_k = torch.clamp(-alphas * amax, min=min(lo, 0.0))
     hi_k = torch.clamp(alphas * amax, max=max(hi, 0.0))
-    scales = ((hi_k - lo_k) / (q.qmax - q.qmin)).clamp(min=1e-8)
-    zps = torch.clamp(torch.round(q.qmin - lo_k / scales), q.qmin, q.qmax)
+    scales = ((hi_k - lo_k) / (q.qmax - q.qmin)).clamp(min=1e-8).float()
+    zps = torch.clamp(torch.round(q.qmin - lo_k / scales.double()), q.qmin, q.qmax).float()
     return scales, zps
 
 
@@ -146,13 +165,13 @@ def _act_candidates(q: FakeQuantizer, x: torch.Tensor, lo: float, hi: float, rec
 
         return len(ms), apply, commit
     if isinstance(q, DrqGeluQuantizer):
-        delta0 = max(hi, 1e-8) / (q.levels + 0.5)
+        delta0 = _gelu_delta0(q, hi)
         if recipe.gelu_pow2:
-            k_lo = int(torch.floor(torch.log2(torch.tensor(recipe.alpha_min * delta0 / q.delta_neg))))
-            k_hi = int(torch.ceil(torch.log2(torch.tensor(recipe.alpha_max * delta0 / q.delta_neg))))
-            steps = q.delta_neg * torch.exp2(torch.arange(k_lo, k_hi + 1, device=x.device, dtype=x.dtype))
+            k_lo = math.floor(math.log2(recipe.alpha_min * delta0 / q.delta_neg))
+            k_hi = math.ceil(math.log2(recipe.alpha_max * delta0 / q.delta_neg))
+            steps = torch.tensor([q.delta_neg * 2.0**k for k in range(k_lo, k_hi + 1)], device=x.device)
         else:
-            steps = alphas * delta0
+            steps = (alphas * delta0).float()
 
         def apply(idx, rows=slice(None)):
             return q.fake_quant(x[rows].unsqueeze(0), steps[idx].reshape((-1,) + (1,) * x.dim()))
@@ -162,6 +181,11 @@ def _act_candidates(q: FakeQuantizer, x: torch.Tensor, lo: float, hi: float, rec
 
         return len(steps), apply, commit
     raise TypeError(f"{type(q).__name__} has no searched parameters")
+
+
+def _gelu_delta0(q: DrqGeluQuantizer, hi: float) -> float:
+    """PTQ4ViT's Δ0 of the positive region from the (snapped) maximum of the data."""
+    return snap(max(hi, 1e-8), mode="out") / (q.levels + 0.5)
 
 
 def init_activation(
@@ -176,15 +200,16 @@ def init_activation(
             if flat.numel() > 1 << 24:
                 flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
             p = recipe.percentile / 100
-            lo, hi = float(torch.quantile(flat, 1 - p)), float(torch.quantile(flat, p))
+            lo, hi = float(torch.quantile(flat, 1 - p)), float(torch.quantile(flat, p))  # snapped by the grids
         scales, zps = _uniform_candidates(q, lo, hi, torch.ones(1, device=x.device))
         q.set_qparams(scales[0], zps[0])
     elif isinstance(q, DrqSoftmaxQuantizer):
         ms = torch.arange(20, device=x.device)
-        errs = [float(((q.fake_quant(x, m) - x) ** 2).mean()) for m in ms]
-        q.split_exponent.fill_(int(min(range(20), key=errs.__getitem__)))
+        x64 = x.double()
+        errs = torch.stack([(q.fake_quant(x, m).double() - x64).square().mean() for m in ms])
+        q.split_exponent.fill_(int(stable_argmin(errs)))
     elif isinstance(q, DrqGeluQuantizer):
-        q.delta_pos.fill_(max(hi, 1e-8) / (q.levels + 0.5))
+        q.delta_pos.fill_(_gelu_delta0(q, hi))
     elif isinstance(q, TierQuantizer):
         tiers = calibrate_tiers(x, q.bits)
         q.set_tiers(tiers.thresholds, tiers.grids)
@@ -193,16 +218,19 @@ def init_activation(
         rows = x.movedim(axis, -1).reshape(-1, q.channels)
         if q.max_tiers > 1:
             q.set_thresholds(calibrate_tiers(rows if sample is None else sample, q.bits, q.max_tiers).thresholds)
-        lo, hi = min(lo, float(rows.min())), max(hi, float(rows.max()))
+        lo, hi = snap_range(min(lo, float(rows.min())), max(hi, float(rows.max())))
         # Each slice starts at the first channel (range order) that passes its threshold: a narrow GEMM once deployed.
-        extreme = rows.abs().amax(0)
+        # Extremes and thresholds are both snapped (STAT_BITS), so a channel at the threshold decides the same way
+        # under float noise.
+        extreme = snap(rows.abs().amax(0), mode="out")
         for i, t_i in enumerate(q.thresholds.tolist()):
             passing = torch.nonzero(extreme > t_i).flatten()
             q.slice_start[i] = int(passing[0]) if len(passing) else q.channels - 1
         bulk, *_ = q.split(rows, -1)
         size = q.channels // q.groups
         blocks = bulk.reshape(-1, q.groups, size).transpose(0, 1).reshape(q.groups, -1)
-        for buffer, value in zip((q.scale, q.zero_point), _asymmetric_grids(blocks.amin(1), blocks.amax(1), q)):
+        block_lo, block_hi = snap(blocks.amin(1), mode="out"), snap(blocks.amax(1), mode="out")
+        for buffer, value in zip((q.scale, q.zero_point), _asymmetric_grids(block_lo, block_hi, q)):
             buffer.copy_(value)
         # A slice's extremes are those of the whole input, clamped between its two thresholds.
         t = [*q.thresholds.tolist(), float("inf")]
@@ -233,7 +261,7 @@ def _weight_delta0(w: torch.Tensor, q: UniformQuantizer, per_channel: bool, bloc
 def _fq_weight_stack(w: torch.Tensor, scales: torch.Tensor, q: UniformQuantizer) -> torch.Tensor:
     """w (C_out, K_in), scales (K, C_out) → (K, C_out, K_in)."""
     s = scales.unsqueeze(-1)
-    return torch.clamp(torch.round(w / s), q.qmin, q.qmax) * s
+    return (w / s).round_().clamp_(q.qmin, q.qmax).mul_(s)  # in place: (K, C_out, K_in) is large
 
 
 def search_weight(
@@ -243,13 +271,16 @@ def search_weight(
     per_channel = recipe.weight_granularity == "per_channel"
     w = cap.weight
     alphas = _alphas(recipe.candidates, recipe.alpha_min, recipe.alpha_max, w.device)
-    delta0 = _weight_delta0(w, q, per_channel, blocks)
+    delta0 = _weight_delta0(w, q, per_channel, blocks).double()
+
+    def scales(idx):  # (len(idx), C_out) float32 candidate scales
+        return (alphas[idx, None] * delta0).float()
 
     def loss_fn(indices, rows):
         x, r, g = xq[rows], ref[rows], None if cap.grad is None else cap.grad[rows]
         out = []
-        for sl in _chunks(len(indices), r.numel()):
-            wk = _fq_weight_stack(w, alphas[indices[sl], None] * delta0, q)
+        for sl in _chunks(len(indices), r.numel(), r.element_size()):
+            wk = _fq_weight_stack(w, scales(indices[sl]), q)
             o = torch.matmul(x, wk.transpose(1, 2))
             if cap.bias is not None:
                 o += cap.bias
@@ -257,14 +288,16 @@ def search_weight(
         return torch.cat(out)
 
     indices, loss = _evaluate(len(alphas), loss_fn, xq.shape[0], recipe)  # loss: k, C_out (or k, 1 for cosine)
+    # Candidates (ascending α) replace the incumbent only when better by more than LOSS_RTOL: see .primitives.stable.
     if loss.shape[1] == 1:
-        best = loss[:, 0].argmin().expand(w.shape[0])
+        best = stable_argmin(loss[:, 0]).expand(w.shape[0])
     elif per_channel:
-        best = loss.argmin(0)
+        best = stable_argmin(loss)
     else:
-        block_loss = loss.reshape(loss.shape[0], blocks, -1).sum(-1)  # k, blocks
-        best = block_loss.argmin(0).repeat_interleave(w.shape[0] // blocks)
-    q.set_qparams((alphas[indices[best]] * delta0).reshape(-1))
+        block_loss = loss.reshape(loss.shape[0], blocks, -1).sum(-1)  # k, blocks (float64)
+        best = stable_argmin(block_loss).repeat_interleave(w.shape[0] // blocks)
+    chosen = alphas[indices[best]] * delta0  # the same float64 product, rounded once, as the scored candidate
+    q.set_qparams(chosen.float().reshape(-1))
 
 
 def search_input(cap: LinearCapture, wq: torch.Tensor, ref: torch.Tensor, q: FakeQuantizer, recipe) -> None:
@@ -274,7 +307,7 @@ def search_input(cap: LinearCapture, wq: torch.Tensor, ref: torch.Tensor, q: Fak
     def loss_fn(indices, rows):
         r, g = ref[rows], None if cap.grad is None else cap.grad[rows]
         out = []
-        for sl in _chunks(len(indices), max(cap.x[rows].numel(), r.numel())):
+        for sl in _chunks(len(indices), max(cap.x[rows].numel(), r.numel()), r.element_size()):
             o = torch.matmul(apply(indices[sl], rows), wq.T)
             if cap.bias is not None:
                 o += cap.bias
@@ -282,7 +315,7 @@ def search_input(cap: LinearCapture, wq: torch.Tensor, ref: torch.Tensor, q: Fak
         return torch.cat(out)
 
     indices, loss = _evaluate(n, loss_fn, cap.x.shape[0], recipe)
-    commit(int(indices[loss[:, 0].argmin()]))
+    commit(int(indices[stable_argmin(loss[:, 0])]))
 
 
 def _state(*quantizers: FakeQuantizer) -> list[torch.Tensor]:
@@ -350,7 +383,7 @@ def search_matmul(cap: MatMulCapture, a_q: FakeQuantizer, b_q: FakeQuantizer, re
         def loss_fn(indices, sl_rows):
             r, g, o = ref[sl_rows], None if grad is None else grad[sl_rows], other[sl_rows]
             out = []
-            for sl in _chunks(len(indices), max(x[sl_rows].numel(), r.numel())):
+            for sl in _chunks(len(indices), max(x[sl_rows].numel(), r.numel()), r.element_size()):
                 xs = apply(indices[sl], sl_rows)
                 prod = torch.matmul(xs, o) if left else torch.matmul(o, xs)
                 out.append(_objective(recipe.search, r, prod, g).sum(1, keepdim=True))
@@ -358,7 +391,7 @@ def search_matmul(cap: MatMulCapture, a_q: FakeQuantizer, b_q: FakeQuantizer, re
 
         screened = dataclasses.replace(recipe, screen_rows=screen)
         indices, loss = _evaluate(n, loss_fn, rows, screened)
-        commit(int(indices[loss[:, 0].argmin()]))
+        commit(int(indices[stable_argmin(loss[:, 0])]))
 
     for _ in range(recipe.rounds):
         before = _state(a_q, b_q)
