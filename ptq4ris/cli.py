@@ -586,7 +586,9 @@ def _check_program_input(path: str | None, flag: str) -> None:
     if flag == "--pte":
         if p.suffix != ".pte":
             raise UserError(f"{flag} {p}: name a .pte program written by `ptq4ris export-pte`")
-        text, visual = p.with_name(f"{p.stem}.text.pte"), p.with_name(f"{p.stem}.visual.pte")
+        from mobile_runtime.runtime import stage_paths
+
+        text, visual = stage_paths(p)
         if not p.is_file() and not (text.is_file() and visual.is_file()):
             raise UserError(f"{flag} {p}: no such program (nor its stage programs {text.name} and {visual.name}); "
                             "export it with `ptq4ris export-pte`")  # fmt: skip

@@ -133,7 +133,8 @@ def _staging_folders(path: Path) -> Iterator[Path]:
         return
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (its staging folder is then live work, not a leftover)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -152,7 +153,7 @@ def remove_stale_staging(path: str | Path) -> None:
             pid = int(staging.name.rsplit(_STAGING, 1)[1].split("-")[0])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and process_alive(pid):
             continue  # another run is writing this destination right now
         previous = staging / "previous"
         if previous.exists() and not path.exists():

@@ -331,14 +331,15 @@ _STAGING = ".shapesref-staging-"
 
 def _remove_stale_staging(root: Path) -> None:
     """Remove what a killed ``data synth`` left in ``root`` (its process is gone; a live one's work is kept)."""
+    from ..outputs import process_alive
+
     for leftover in root.glob(f"{_STAGING}*"):
         try:
             pid = int(leftover.name[len(_STAGING) :].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(leftover, ignore_errors=True)
-        except (ValueError, PermissionError):
+        except ValueError:
             continue
+        if not process_alive(pid):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_shapesref_root(root: str | Path, flag: str = "--out") -> Path:
