@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .devices import resolve_device
 from .metrics import RisMetrics
+from .progress import progress_bar
 
 __all__ = ["evaluate", "format_table"]
 
@@ -57,26 +58,13 @@ def evaluate(
         data = torch.utils.data.Subset(data, range(min(limit, len(data))))
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     metrics = RisMetrics()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(data), desc="evaluate", unit="pair")
     start = time.perf_counter()
-    try:
+    with progress_bar(progress, total=len(data), desc="evaluate", unit="pair") as bar:
         for batch in loader:
             logits = model(batch["image"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
             kinds = [dataset.samples[i].kind for i in batch["index"].tolist()]
             metrics.update(logits.argmax(1).cpu(), batch["target"], kinds)
-            if bar is not None:
-                bar.update(len(kinds))
-    except BaseException:
-        if bar is not None:  # erase the bar: the error is the one line left on the terminal
-            bar.leave = False
-            bar.close()
-        raise
-    if bar is not None:
-        bar.close()
+            bar.update(len(kinds))
     elapsed = time.perf_counter() - start
     out = metrics.summary()
     out["seconds"] = elapsed

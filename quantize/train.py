@@ -28,6 +28,7 @@ from .data.splits import open_split
 from .devices import resolve_device
 from .models.checkpoint import load_state_dict_checked, save_state_dict
 from .models.registry import build_model
+from .progress import progress_bar
 
 __all__ = ["TRAINING_KIND", "TrainConfig", "preload_split", "train"]
 
@@ -61,12 +62,12 @@ def preload_split(dataset: ReferDataset, progress: bool = False) -> dict[str, to
     ann_ids = sorted({s.ann_id for s in dataset.samples})
     img_pos = {i: k for k, i in enumerate(image_ids)}
     ann_pos = {a: k for k, a in enumerate(ann_ids)}
-    iterator = image_ids
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(image_ids, desc="decode images", unit="img")
-    images = torch.stack([dataset.pixels(i) for i in iterator])
+    with progress_bar(progress, total=len(image_ids), desc="decode images", unit="img") as bar:
+        images = []
+        for i in image_ids:
+            images.append(dataset.pixels(i))
+            bar.update(1)
+    images = torch.stack(images)
     masks = torch.stack([dataset.target(a) for a in ann_ids])
     input_ids, attention_mask = dataset.tokenizer.batch([s.sentence for s in dataset.samples])
     return {
@@ -137,11 +138,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     n = len(dataset)
     log = open(out / "train_log.jsonl", "a")
     start = time.time()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
 
     def save() -> None:
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("text_encoder.")}
@@ -156,42 +152,39 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             ckpt_path,
         )
 
-    while step < cfg.steps:
-        elapsed = elapsed_before + time.time() - start
-        if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60:
-            logger.warning("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
-            break
-        progress_frac = step / cfg.steps
-        if cfg.max_minutes:
-            progress_frac = max(progress_frac, elapsed / (cfg.max_minutes * 60))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(progress_frac, step, cfg.warmup_steps)
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=sampler).to(device)
-        images = normalize_image(data["images"][data["image_index"][idx]], mcfg.preprocess)
-        target = data["masks"][data["mask_index"][idx]].long()
-        ids, am = data["input_ids"][idx], data["attention_mask"][idx]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            with torch.no_grad():
-                feats = model.encode_text(ids, am)
-            logits = model.forward_with_text_features(images, feats, am)
-            loss = F.cross_entropy(logits.float(), target) + _dice_loss(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        if bar is not None:
+    with progress_bar(progress, total=cfg.steps, initial=step, desc="train", unit="step") as bar:
+        while step < cfg.steps:
+            elapsed = elapsed_before + time.time() - start
+            if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60:
+                logger.warning("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
+                break
+            progress_frac = step / cfg.steps
+            if cfg.max_minutes:
+                progress_frac = max(progress_frac, elapsed / (cfg.max_minutes * 60))
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(progress_frac, step, cfg.warmup_steps)
+            idx = torch.randint(0, n, (cfg.batch_size,), generator=sampler).to(device)
+            images = normalize_image(data["images"][data["image_index"][idx]], mcfg.preprocess)
+            target = data["masks"][data["mask_index"][idx]].long()
+            ids, am = data["input_ids"][idx], data["attention_mask"][idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.no_grad():
+                    feats = model.encode_text(ids, am)
+                logits = model.forward_with_text_features(images, feats, am)
+                loss = F.cross_entropy(logits.float(), target) + _dice_loss(logits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
             bar.update(1)
-        if step % cfg.log_every == 0:
-            rec = {"step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"], "elapsed": elapsed}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            if bar is not None:
+            if step % cfg.log_every == 0:
+                rec = {"step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"], "elapsed": elapsed}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
                 bar.set_postfix(loss=f"{float(loss):.3f}")
-        if step % cfg.save_every == 0:
-            save()
-    if bar is not None:
-        bar.close()
+            if step % cfg.save_every == 0:
+                save()
     save()
     log.close()
     model.eval()

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..devices import resolve_device
+from ..errors import UserError
 from ..models.roles import FoldGroup, layer_roles
+from ..progress import progress_bar
 from . import folding
 from .everyday_expressions import EVERYDAY_EXPRESSIONS
 from .placement import (
@@ -51,7 +53,6 @@ from .search import (
     search_linear,
     search_matmul,
 )
-from ..errors import UserError
 
 __all__ = ["CalibrationBatch", "CalibrationReport", "calibrate", "calibration_batch", "default_everyday"]
 
@@ -479,26 +480,21 @@ def calibrate(
         blocks = _blocks(sites, recipe)
         report.blocks = len(blocks)
         n_chunks = math.ceil(len(batch) / chunk_size)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(blocks), desc=f"calibrate {recipe.method} {recipe.bits}", unit="block")
-        for block in blocks:
-            for s in block:
-                _set_enabled(s, False)
-            recorder = _Recorder(
-                math.ceil(recipe.max_rows / n_chunks),
-                recipe.seed,
-                {s.info.name for s in block},
-                grads=recipe.search == "hessian",
-            )
-            _run(model, batch, chunk_size, device, recorder, block, reference)
-            _search_block(block, recorder, ranges, recipe)
-            if bar is not None:
+        with progress_bar(
+            progress, total=len(blocks), desc=f"calibrate {recipe.method} {recipe.bits}", unit="block"
+        ) as bar:
+            for block in blocks:
+                for s in block:
+                    _set_enabled(s, False)
+                recorder = _Recorder(
+                    math.ceil(recipe.max_rows / n_chunks),
+                    recipe.seed,
+                    {s.info.name for s in block},
+                    grads=recipe.search == "hessian",
+                )
+                _run(model, batch, chunk_size, device, recorder, block, reference)
+                _search_block(block, recorder, ranges, recipe)
                 bar.update(1)
-        if bar is not None:
-            bar.close()
     model.to(own_dtype).eval()
     report.seconds = time.perf_counter() - start
     return model, report

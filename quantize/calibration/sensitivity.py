@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..progress import progress_bar
 from .placement import quantized_sites, quantizers_of, set_quantization
 
 __all__ = ["MODALITIES", "analyze", "format_sensitivity", "plot_sensitivity", "sqnr_db"]
@@ -72,14 +73,13 @@ def analyze(
     reference = logits()
     float_miou = miou()
     layers = []
-    iterator = sites
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(sites, desc="per-layer SQNR", unit="layer")
-    for site in iterator:
-        _only(model, {site.info.name})
-        layers.append({"name": site.info.name, "modality": site.info.modality, "sqnr_db": sqnr_db(reference, logits())})
+    with progress_bar(progress, total=len(sites), desc="per-layer SQNR", unit="layer") as bar:
+        for site in sites:
+            _only(model, {site.info.name})
+            layers.append(
+                {"name": site.info.name, "modality": site.info.modality, "sqnr_db": sqnr_db(reference, logits())}
+            )
+            bar.update(1)
     modalities = {}
     for modality in MODALITIES:
         names = {s.info.name for s in sites if s.info.modality == modality}

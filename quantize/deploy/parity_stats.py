@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from quantize.metrics import RisMetrics, intersection_union
+from quantize.progress import progress_bar
 
 __all__ = [
     "NATURAL_PHOTOS",
@@ -125,23 +126,18 @@ def parity_on_dataset(
 
     data = dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
     acc = ParityAccumulator()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(data), desc="parity", unit="pair")
     start = time.perf_counter()
     simulated.eval()
-    for batch in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0):
-        sim = simulated(batch["image"], batch["input_ids"], batch["attention_mask"])
-        for j, index in enumerate(batch["index"].tolist()):
-            dep = deployed(batch["image"][j : j + 1], batch["input_ids"][j : j + 1], batch["attention_mask"][j : j + 1])
-            sample = dataset.samples[index]
-            acc.update(index, sim[j], dep[0], batch["target"][j], sample.kind)
-        if bar is not None:
+    with progress_bar(progress, total=len(data), desc="parity", unit="pair") as bar:
+        for batch in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0):
+            sim = simulated(batch["image"], batch["input_ids"], batch["attention_mask"])
+            for j, index in enumerate(batch["index"].tolist()):
+                dep = deployed(
+                    batch["image"][j : j + 1], batch["input_ids"][j : j + 1], batch["attention_mask"][j : j + 1]
+                )
+                sample = dataset.samples[index]
+                acc.update(index, sim[j], dep[0], batch["target"][j], sample.kind)
             bar.update(len(batch["index"]))
-    if bar is not None:
-        bar.close()
     out = acc.summary()
     out["seconds"] = time.perf_counter() - start
     return out
