@@ -22,12 +22,13 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Debian packages the device harness and the report tests use (qemu-user, the aarch64 cross compiler, adb,
-# kotlin, chromium). Needs root (or sudo).
+# Debian packages the device harness, the instruction counter and the report tests use (qemu-user, the aarch64
+# cross compiler, valgrind, adb, kotlin, chromium). Needs root (or sudo).
 system-tools:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		qemu-user g++-aarch64-linux-gnu adb kotlin default-jre-headless chromium chromium-driver cmake procps >/dev/null
+		qemu-user g++-aarch64-linux-gnu adb kotlin default-jre-headless chromium chromium-driver cmake procps valgrind \
+		>/dev/null
 
 # The device harness on the demo's programs: an emulated arm64 phone (qemu) by default; ADB_ARGS=--adb for a phone.
 device-parity: setup

@@ -175,26 +175,43 @@ class NativeRunner:
         self.prefix = [_require("qemu-aarch64"), "-cpu", QEMU_CPU, "-L", str(AARCH64_SYSROOT)] if emulate else []
 
     def run(
-        self, pte: str | Path, inputs: tuple[torch.Tensor, ...], warmup: int = 0, runs: int = 1, threads: int = 1
+        self,
+        pte: str | Path,
+        inputs: tuple[torch.Tensor, ...],
+        warmup: int = 0,
+        runs: int = 1,
+        threads: int = 1,
+        prefix: list[str] | None = None,
+        timing: bool = True,
+        env: dict[str, str] | None = None,
     ) -> RunResult:
+        """Run ``pte`` on ``inputs``; ``prefix`` replaces the command the binary runs under (qemu for an emulated
+        runner), e.g. to run it under an instruction counter, which also wants ``timing=False`` (no latency: then
+        ``latency_ms`` is empty) and a fixed ``env``."""
         check_pte_file(pte)  # a missing, foreign or truncated file is named here, not by the runner's exit status
         with tempfile.TemporaryDirectory(prefix="ptq4ris-run-") as tmp:
             folder = Path(tmp)
-            cmd = [*self.prefix, str(self.binary), "--model", str(pte)]
+            # Run inside the folder with relative names: the random folder name stays out of the runner's memory,
+            # where it could move an instruction count.
+            cmd = [*(self.prefix if prefix is None else prefix), str(self.binary.resolve()), "--model",
+                   str(Path(pte).resolve())]  # fmt: skip
             for path in write_inputs(inputs, folder):
-                cmd += ["--input", str(path)]
+                cmd += ["--input", path.name]
             cmd += [
                 "--output-dir",
-                str(folder),
+                ".",
                 "--warmup",
                 str(warmup),
                 "--runs",
                 str(runs),
                 "--threads",
                 str(threads),
+                *([] if timing else ["--no-timing"]),
             ]
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, check=False)
+                done = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=self.timeout, check=False, env=env, cwd=folder
+                )
             except subprocess.TimeoutExpired as e:
                 raise RuntimeError(f"the runner did not finish {pte} within {self.timeout:.0f} s") from e
             if done.returncode != 0:
@@ -202,7 +219,8 @@ class NativeRunner:
                     f"the runner failed on {pte} (exit {done.returncode}): {done.stderr.strip()[-1000:]}"
                 )
             report = parse_report(done.stdout)
-            return RunResult(read_outputs(report, folder), report["latency_ms"], report["threads"], report["runs"])
+            latency = report["latency_ms"] or {}
+            return RunResult(read_outputs(report, folder), latency, report["threads"], report["runs"])
 
 
 def main(argv: list[str] | None = None) -> int:
