@@ -706,7 +706,6 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from quantize.calibration.artifact import load_quantized
     from quantize.calibration.calibrate import calibration_batch
     from quantize.calibration.sensitivity import analyze, format_sensitivity, plot_sensitivity, save_json
-
     from quantize.file_kinds import is_json_object, is_png
     from quantize.outputs import check_output_file
 
@@ -856,6 +855,59 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from mobile_runtime.stock_flows import STOCK_FLOWS
+    from quantize.calibration.recipe import BIT_SETTINGS
+
+    p = sub.add_parser(
+        "bench",
+        help="ours and the stock flows side by side: accuracy, size, latency and instructions per forward",
+        description="Build (or reuse from --out) the float program, ours at each --bits and the stock flows a user "
+        "would try first, then measure them in one run: deployed mIoU/oIoU on ShapesRef val and mask agreement with "
+        "float, file size, host latency interleaved at each thread count, and instructions per forward on aarch64 "
+        "(qemu, cortex-a76) and x86 (callgrind), with ratios to float. A flow that fails keeps its row with the "
+        "error. Writes OUT/bench.json and OUT/bench.md.",
+    )
+    p.add_argument("--out", default="runs/bench", help="cache and result folder (default: %(default)s)")
+    p.add_argument("--refer-root", default=DEFAULT_DATA_ROOT, help="folder holding shapesref/ (default: %(default)s)")
+    p.add_argument("--model", default="lavt-tiny", help="(default: %(default)s)")
+    p.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a4"], choices=sorted(BIT_SETTINGS),
+                   help="our settings (default: %(default)s)")  # fmt: skip
+    p.add_argument("--peers", nargs="*", default=list(STOCK_FLOWS), choices=list(STOCK_FLOWS),
+                   help="stock flows to compare with (default: all)")  # fmt: skip
+    p.add_argument("--pairs", type=positive_int, default=1000, help="val pairs for accuracy (default: %(default)s)")
+    p.add_argument("--runs", type=positive_int, default=30, help="interleaved latency runs (default: %(default)s)")
+    p.add_argument("--threads", nargs="+", type=positive_int, default=[1, 2], help="(default: %(default)s)")
+    p.add_argument("--arch", nargs="*", default=["aarch64", "x86"], choices=["aarch64", "x86"],
+                   help="instruction counts to take (default: %(default)s; none: --arch)")  # fmt: skip
+    p.add_argument("--build-dir", default="build", help="native runners and the qemu plugin (default: %(default)s)")
+    p.add_argument("--docs", default=None, help="also write the table into this Markdown file's bench section")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from quantize.outputs import check_output_file
+
+    from .bench import BenchConfig, format_table, run_bench, splice_into
+
+    if args.docs:  # the bench section is spliced in: the rest of the file is kept
+        check_output_file(Path(args.docs), "--docs", (".md",), lambda p: True)
+    cfg = BenchConfig(
+        out=Path(args.out), refer_root=Path(args.refer_root), model=args.model, bits=tuple(args.bits),
+        peers=tuple(args.peers), pairs=args.pairs, runs=args.runs, threads=tuple(args.threads),
+        arches=tuple(args.arch), build_dir=Path(args.build_dir), progress=not args.no_progress,
+    )  # fmt: skip
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    report = run_bench(cfg, log=log)
+    table = format_table(report)
+    if args.docs:
+        splice_into(Path(args.docs), table, "ptq4ris " + " ".join(sys.argv[1:]))
+    print(json.dumps(report, indent=1) if args.json else table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ptq4ris",
@@ -885,6 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parity(sub)
     _add_segment(sub)
     _add_demo(sub)
+    _add_bench(sub)
     return parser
 
 

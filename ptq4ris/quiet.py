@@ -21,20 +21,25 @@ KNOWN_CHATTER: dict[str, tuple[str, ...]] = {
     # coremltools: its tested-torch note, its scikit-learn converter, and the macOS-only runtime missing on Linux
     # (conversion works; nothing off macOS runs a Core ML model, which is why the MIL interpreter exists).
     # (coremltools logs everything on its package logger.)
-    "coremltools": ("Torch version", "scikit-learn version", "Failed to load _ML"),
+    # Its embedding converter also notes that padding_idx is dropped: it only matters for training.
+    "coremltools": ("Torch version", "scikit-learn version", "Failed to load _ML", "Core ML embedding (gather) layer"),
     # torch's deprecation note about torchao registering an Enum as a pytree constant.
     "torch.utils._pytree": ("<enum ",),
 }
 
 # Python warnings raised inside third-party code while ptq4ris exports (nothing for a user to change).
-KNOWN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
-    (r"`torch.jit.script_method` is deprecated", DeprecationWarning),
-    (r"(open|read)_text is deprecated", DeprecationWarning),
-    (r"__array__ implementation doesn't accept a copy keyword", DeprecationWarning),
+# (message, category, module that raises it: "" for any)
+KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    (r"`torch.jit.script_method` is deprecated", DeprecationWarning, ""),
+    (r"(open|read)_text is deprecated", DeprecationWarning, ""),
+    (r"__array__ implementation doesn't accept a copy keyword", DeprecationWarning, ""),
     # executorch's Inspector, when the ETDump run that lists kernels keeps no debug buffer (on purpose: see toolchain).
-    (r"Output Buffer not found", UserWarning),
+    (r"Output Buffer not found", UserWarning, ""),
     # torch's pytree, while exporting torchao-annotated graphs.
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, ""),
+    # coremltools' constant folding casts the -1e4 attention-mask constants and the float32 range bounds to float16;
+    # the package's results are checked against the simulation (MIL interpreter parity), not taken on trust.
+    (r"overflow encountered in cast", RuntimeWarning, r"coremltools\."),
 )
 
 # Lines that native code (the ExecuTorch runtime's CPU probe) writes straight to the stderr file descriptor, where no
@@ -57,8 +62,8 @@ def quiet_known_chatter() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnown) for f in logger.filters):
             logger.addFilter(_DropKnown(prefixes))
-    for message, category in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 @contextmanager

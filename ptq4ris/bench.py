@@ -1,0 +1,311 @@
+"""``ptq4ris bench``: ours and the stock flows side by side, measured in one run.
+
+Rows: the float program, ours (PTQ4RIS, deployable form) at each requested bit setting, and the stock flows of
+:mod:`mobile_runtime.stock_flows`, all full-model ``.pte`` programs on XNNPACK. For each row:
+
+- deployed mIoU / oIoU on val pairs and mask agreement with the float program (host ExecuTorch runtime);
+- file size;
+- host latency at each thread count, all programs interleaved in one process (:mod:`mobile_runtime.benchmark`);
+- instructions per forward on aarch64 (qemu, cortex-a76) and x86 (callgrind) (:mod:`mobile_runtime.instruction_count`),
+  with their ratio to float: the figure machine noise cannot move.
+
+A flow that fails to lower or to run keeps its row, with the error. Calibrated artifacts and programs are cached in the
+output folder (a rerun reuses them); the measurements are taken afresh on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from quantize.atomic import write_atomic
+from quantize.errors import UserError
+
+__all__ = ["BENCH_KIND", "BenchConfig", "format_table", "run_bench", "splice_into"]
+
+BENCH_KIND = "bench"
+METHOD = "ptq4ris-deploy"
+DOCS_MARKER = "<!-- bench section: written by ptq4ris bench --docs -->"
+
+
+@dataclass
+class BenchConfig:
+    out: Path
+    refer_root: Path
+    model: str = "lavt-tiny"
+    bits: tuple[str, ...] = ("w8a8", "w4a8", "w4a4")
+    peers: tuple[str, ...] = ("xnnpack-static-w8a8", "xnnpack-dynamic-int8", "torchao-8da4w")
+    pairs: int = 1000
+    runs: int = 30
+    threads: tuple[int, ...] = (1, 2)
+    arches: tuple[str, ...] = ("aarch64", "x86")
+    build_dir: Path = Path("build")
+    progress: bool = True
+
+
+@dataclass
+class Row:
+    name: str
+    what: str
+    path: str | None = None
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _cli(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "ptq4ris", *args], check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"`ptq4ris {' '.join(args)}` failed with exit {done.returncode}")
+
+
+def _ours(cfg: BenchConfig, bits: str, with_float: bool, log) -> tuple[Path, Path]:
+    """Calibrate and export ours at ``bits`` unless the cache already holds them; returns the program paths."""
+    from mobile_runtime.export_pte import program_paths
+    from quantize.calibration.artifact import check_quantized
+
+    artifact = cfg.out / f"{cfg.model}-{bits}"
+    pte = cfg.out / "pte" / f"{cfg.model}-{bits}.pte"
+    paths = program_paths(pte)
+    try:
+        check_quantized(artifact)
+    except UserError:
+        log(f"[{bits}] calibrating ...")
+        _cli("calibrate", "--model", cfg.model, "--method", METHOD, "--bits", bits, "--refer-root", str(cfg.refer_root),
+             "--out", str(artifact))  # fmt: skip
+    stamp = (artifact / "config.json").stat().st_mtime
+    wanted = [paths["full"]] + ([paths["float"]] if with_float else [])
+    if any(not p.is_file() or p.stat().st_mtime < stamp for p in wanted):
+        log(f"[{bits}] exporting ...")
+        _cli("export-pte", "--quantized", str(artifact), "--out", str(pte), "--stages", "full", "--no-kernels",
+             *([] if with_float else ["--no-float"]))  # fmt: skip
+    return paths["full"], paths["float"]
+
+
+def _peer(cfg: BenchConfig, flow: str, model, calib, log) -> Row:
+    from mobile_runtime.stock_flows import STOCK_FLOWS, lower_stock_flow
+
+    row = Row(flow, STOCK_FLOWS[flow])
+    pte = cfg.out / "pte" / f"{flow}.pte"
+    failed = pte.with_suffix(".error.json")
+    versions = {"torch": torch.__version__, "executorch": _version("executorch"), "torchao": _version("torchao")}
+    if failed.is_file():
+        record = json.loads(failed.read_text())
+        if record.get("versions") == versions:
+            row.error = record["error"]
+            return row
+    if not pte.is_file():
+        log(f"[{flow}] lowering ...")
+        try:
+            buffer = lower_stock_flow(flow, model, calib)
+        except Exception as e:  # noqa: BLE001 - a stock flow's failure is a result of the bench
+            row.error = f"fails to lower: {_one_line(e)}"
+            write_atomic(failed, json.dumps({"error": row.error, "versions": versions}).encode())
+            return row
+        write_atomic(pte, buffer)
+    row.path = str(pte)
+    return row
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _accuracy(rows: list[Row], dataset, limit: int, progress: bool) -> None:
+    """Deployed mIoU / oIoU of every runnable row, and its mask agreement with the float row (the first)."""
+    from mobile_runtime.runtime import load_full_model
+    from quantize.metrics import RisMetrics
+    from quantize.progress import progress_bar
+
+    n = min(limit, len(dataset))
+    float_masks = None
+    for row in rows:
+        if row.error:
+            continue
+        metrics, agree, masks = RisMetrics(), 0, []
+        try:
+            program = load_full_model(row.path)
+            with progress_bar(progress, total=n, desc=f"accuracy {row.name}", unit="pair") as bar:
+                for i in range(n):
+                    item = dataset[i]
+                    logits = program(item["image"][None], item["input_ids"][None], item["attention_mask"][None])
+                    pred = logits.argmax(1)
+                    metrics.update(pred, item["target"][None], [dataset.samples[i].kind])
+                    masks.append(pred[0].bool())
+                    if float_masks is not None:
+                        agree += int((pred[0].bool() == float_masks[i]).sum())
+                    bar.update(1)
+        except Exception as e:  # noqa: BLE001 - a program that fails at run time is a row of the bench
+            row.error = f"fails at run time: {_one_line(e)}"
+            continue
+        summary = metrics.summary()
+        row.metrics.update(pairs=n, mIoU=summary["mIoU"], oIoU=summary["oIoU"])
+        if float_masks is None:
+            float_masks = masks
+        else:
+            row.metrics["agreement_with_float"] = 100 * agree / (n * masks[0].numel())
+
+
+def _latency(rows: list[Row], cfg: BenchConfig) -> dict:
+    from mobile_runtime.benchmark import benchmark
+
+    programs = {row.name: row.path for row in rows if not row.error}
+    report = benchmark(programs, list(cfg.threads), runs=cfg.runs, warmup=3)
+    for row in rows:
+        if row.error:
+            continue
+        row.metrics["size_bytes"] = report["sizes"][row.name]
+        for threads in cfg.threads:
+            row.metrics[f"latency_ms_{threads}t"] = report[f"threads={threads}"][row.name]["median_ms"]
+    return report
+
+
+def _instructions(rows: list[Row], cfg: BenchConfig, inputs: tuple[torch.Tensor, ...], log) -> dict[str, str]:
+    from mobile_runtime.instruction_count import count_instructions
+    from mobile_runtime.native_runner import ToolMissing
+
+    skipped = {}
+    for arch in cfg.arches:
+        for row in rows:
+            if row.error:
+                continue
+            log(f"[{row.name}] counting {arch} instructions ...")
+            try:
+                row.metrics[f"instructions_{arch}"] = count_instructions(
+                    row.path, inputs, arch, cfg.build_dir
+                ).per_forward
+            except ToolMissing as e:
+                skipped[arch] = str(e)
+                break
+            except RuntimeError as e:
+                row.metrics[f"instructions_{arch}_error"] = _one_line(e)
+    return skipped
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict:
+    from quantize.data import open_split
+    from quantize.deploy.graph import calibration_inputs
+    from quantize.models.registry import build_model
+    from quantize.outputs import check_output_folder, write_manifest
+
+    if not cfg.bits:
+        raise UserError("--bits needs at least one setting: the float program comes from its export")
+    check_output_folder(cfg.out, "--out", BENCH_KIND)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_manifest(cfg.out, BENCH_KIND)
+    start = time.perf_counter()
+    model = build_model(cfg.model)
+    dataset = open_split(cfg.refer_root, "shapesref", "unc", "val", model.config)  # refused early if missing
+
+    rows: list[Row] = []
+    float_path = None
+    for i, bits in enumerate(cfg.bits):
+        full, floating = _ours(cfg, bits, with_float=i == 0, log=log)
+        float_path = float_path or floating
+        rows.append(Row(f"ours-{bits}", f"PTQ4RIS deployable {bits.upper()}", str(full)))
+    rows.insert(0, Row("float", "float32 (XNNPACK)", str(float_path)))
+    calib = calibration_inputs(model, cfg.out / f"{cfg.model}-{cfg.bits[0]}")
+    for flow in cfg.peers:
+        rows.append(_peer(cfg, flow, model, calib, log))
+
+    log(f"accuracy on {min(cfg.pairs, len(dataset))} val pairs ...")
+    _accuracy(rows, dataset, cfg.pairs, cfg.progress)
+    log(f"latency: {cfg.runs} interleaved runs at {', '.join(map(str, cfg.threads))} thread(s) ...")
+    latency = _latency(rows, cfg)
+    item = dataset[0]
+    skipped = _instructions(
+        rows, cfg, (item["image"][None], item["input_ids"][None], item["attention_mask"][None]), log
+    )
+
+    base = rows[0].metrics
+    for row in rows[1:]:
+        for key in (
+            "size_bytes",
+            *(f"latency_ms_{t}t" for t in cfg.threads),
+            *(f"instructions_{a}" for a in cfg.arches),
+        ):
+            if key in row.metrics and base.get(key):
+                row.metrics[f"{key}_ratio"] = row.metrics[key] / base[key]
+    report = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "machine": {"processor": platform.processor() or platform.machine(), "cores": _cores()},
+        "rows": [asdict(r) for r in rows],
+        "counts_skipped": skipped,
+        "latency_runs": latency["runs"],
+        "seconds": time.perf_counter() - start,
+    }
+    write_atomic(cfg.out / "bench.json", json.dumps(report, indent=1).encode())
+    write_atomic(cfg.out / "bench.md", (format_table(report) + "\n").encode())
+    return report
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cell(metrics: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    if key not in metrics:
+        return "–"
+    ratio = metrics.get(f"{key}_ratio")
+    value = format(metrics[key] * scale, fmt)
+    return f"{value} ({ratio:.2f}×)" if ratio is not None else value
+
+
+def format_table(report: dict) -> str:
+    """The bench as a Markdown table (ratios are to the float row, measured in the same run)."""
+    cfg = report["config"]
+    threads = cfg["threads"]
+    head = ["row", "what", "mIoU / oIoU", "agreement with float %", "size MB"]
+    head += [f"latency {t} thread{'s' if t > 1 else ''} ms" for t in threads]
+    head += [f"{a} instructions (M)" for a in cfg["arches"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["rows"]:
+        m = row["metrics"]
+        if row["error"]:
+            cells = [row["name"], row["what"], row["error"].replace("|", "\\|")] + ["–"] * (len(head) - 3)
+        else:
+            accuracy = f"{m['mIoU']:.2f} / {m['oIoU']:.2f}" if "mIoU" in m else "–"
+            agreement = f"{m['agreement_with_float']:.3f}" if "agreement_with_float" in m else "–"
+            cells = [row["name"], row["what"], accuracy, agreement, _cell(m, "size_bytes", ".2f", 1e-6)]
+            cells += [_cell(m, f"latency_ms_{t}t", ".1f") for t in threads]
+            cells += [_cell(m, f"instructions_{a}", ",.1f", 1e-6) for a in cfg["arches"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    pairs = next((r["metrics"]["pairs"] for r in report["rows"] if "pairs" in r["metrics"]), 0)
+    lines += [
+        "",
+        f"ShapesRef val, first {pairs} pairs; latency: median of {report['latency_runs']} interleaved runs after 3 "
+        f"warm-up runs on {report['machine']['cores']} cores ({report['machine']['processor']}); instructions: one "
+        "forward at one thread, aarch64 under qemu -cpu cortex-a76, x86 under callgrind. Ratios are to float.",
+    ]
+    for arch, reason in report.get("counts_skipped", {}).items():
+        lines.append(f"{arch} instructions not counted: {reason}")
+    return "\n".join(lines)
+
+
+def splice_into(doc: Path, table: str, command: str) -> None:
+    """Replace the bench section of ``doc`` (from its marker to the next ``## `` heading), or append it."""
+    section = f"{DOCS_MARKER}\n\n## Bench: ours and the stock flows\n\nReproduce with `{command}`.\n\n{table}\n"
+    text = doc.read_text() if doc.is_file() else ""
+    if DOCS_MARKER in text:
+        before, _, after = text.partition(DOCS_MARKER)
+        rest = after.split("\n## ", 2)
+        tail = "\n## " + rest[2] if len(rest) > 2 else ""
+        text = before + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_atomic(doc, text.encode())
