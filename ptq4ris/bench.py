@@ -28,7 +28,7 @@ import torch
 from quantize.atomic import write_atomic
 from quantize.errors import UserError
 
-__all__ = ["BENCH_KIND", "BenchConfig", "format_table", "run_bench", "splice_into"]
+__all__ = ["BENCH_KIND", "BenchConfig", "format_op_table", "format_table", "run_bench", "splice_into"]
 
 BENCH_KIND = "bench"
 METHOD = "ptq4ris-deploy"
@@ -43,6 +43,7 @@ class BenchConfig:
     bits: tuple[str, ...] = ("w8a8", "w4a8", "w4a4")
     peers: tuple[str, ...] = ("xnnpack-static-w8a8", "xnnpack-dynamic-int8", "torchao-8da4w")
     pairs: int = 1000
+    calib_size: int = 32
     runs: int = 30
     threads: tuple[int, ...] = (1, 2)
     arches: tuple[str, ...] = ("aarch64", "x86")
@@ -60,12 +61,17 @@ class Row:
 
 
 def _one_line(error: BaseException) -> str:
+    from mobile_runtime.runtime import PteInputError
+
+    if isinstance(error, PteInputError) and error.__cause__ is not None:
+        error = error.__cause__  # the runtime's own words; our re-export hint is about our programs
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:300]}"
 
 
 def _cli(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "ptq4ris", *args], check=False)
+    # The children's progress and summaries are the bench's log: stderr, so that stdout stays the table (or JSON).
+    done = subprocess.run([sys.executable, "-m", "ptq4ris", *args], stdout=sys.stderr.fileno(), check=False)
     if done.returncode != 0:
         raise RuntimeError(f"`ptq4ris {' '.join(args)}` failed with exit {done.returncode}")
 
@@ -83,7 +89,7 @@ def _ours(cfg: BenchConfig, bits: str, with_float: bool, log) -> tuple[Path, Pat
     except UserError:
         log(f"[{bits}] calibrating ...")
         _cli("calibrate", "--model", cfg.model, "--method", METHOD, "--bits", bits, "--refer-root", str(cfg.refer_root),
-             "--out", str(artifact))  # fmt: skip
+             "--calib-size", str(cfg.calib_size), "--out", str(artifact))  # fmt: skip
     stamp = (artifact / "config.json").stat().st_mtime
     wanted = [paths["full"]] + ([paths["float"]] if with_float else [])
     if any(not p.is_file() or p.stat().st_mtime < stamp for p in wanted):
@@ -173,6 +179,19 @@ def _latency(rows: list[Row], cfg: BenchConfig) -> dict:
     return report
 
 
+def _op_profile(rows: list[Row], inputs: tuple[torch.Tensor, ...]) -> None:
+    """Host time per forward by XNNPACK operator group (ETDump): where the programs spend it besides their GEMMs."""
+    from mobile_runtime.op_profile import op_time_by_group, op_time_by_kind
+
+    for row in rows:
+        if row.error:
+            continue
+        try:
+            row.metrics["op_groups"] = op_time_by_group(op_time_by_kind(row.path, inputs))
+        except RuntimeError as e:
+            row.metrics["op_groups_error"] = _one_line(e)
+
+
 def _instructions(rows: list[Row], cfg: BenchConfig, inputs: tuple[torch.Tensor, ...], log) -> dict[str, str]:
     from mobile_runtime.instruction_count import count_instructions
     from mobile_runtime.native_runner import ToolMissing
@@ -226,9 +245,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     log(f"latency: {cfg.runs} interleaved runs at {', '.join(map(str, cfg.threads))} thread(s) ...")
     latency = _latency(rows, cfg)
     item = dataset[0]
-    skipped = _instructions(
-        rows, cfg, (item["image"][None], item["input_ids"][None], item["attention_mask"][None]), log
-    )
+    inputs = (item["image"][None], item["input_ids"][None], item["attention_mask"][None])
+    log("host time by operator group (ETDump) ...")
+    _op_profile(rows, inputs)
+    skipped = _instructions(rows, cfg, inputs, log)
 
     base = rows[0].metrics
     for row in rows[1:]:
@@ -294,7 +314,33 @@ def format_table(report: dict) -> str:
     ]
     for arch, reason in report.get("counts_skipped", {}).items():
         lines.append(f"{arch} instructions not counted: {reason}")
+    lines += ["", *format_op_table(report)]
     return "\n".join(lines)
+
+
+def format_op_table(report: dict) -> list[str]:
+    """Host ms per forward (operators per forward) by XNNPACK operator group, one column per program."""
+    rows = [r for r in report["rows"] if "op_groups" in r["metrics"]]
+    if not rows:
+        return []
+    groups = list(dict.fromkeys(g for r in rows for g in r["metrics"]["op_groups"]))
+    lines = [
+        "Host time per forward by XNNPACK operator group, ms (operators), from an ETDump run at the default thread "
+        "count:",
+        "",
+        "| operator group | " + " | ".join(r["name"] for r in rows) + " |",
+        "|" + "---|" * (len(rows) + 1),
+    ]
+    for group in [*groups, "total"]:
+        cells = []
+        for r in rows:
+            stats = r["metrics"]["op_groups"]
+            if group == "total":
+                cells.append(f"{sum(s['ms'] for s in stats.values()):.2f} ({sum(s['count'] for s in stats.values())})")
+            else:
+                cells.append(f"{stats[group]['ms']:.2f} ({stats[group]['count']})" if group in stats else "–")
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def splice_into(doc: Path, table: str, command: str) -> None:

@@ -876,6 +876,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peers", nargs="*", default=list(STOCK_FLOWS), choices=list(STOCK_FLOWS),
                    help="stock flows to compare with (default: all)")  # fmt: skip
     p.add_argument("--pairs", type=positive_int, default=1000, help="val pairs for accuracy (default: %(default)s)")
+    p.add_argument("--calib-size", type=positive_int, default=32, help="train pairs ours and the stock flows calibrate "
+                   "on (default: %(default)s)")  # fmt: skip
     p.add_argument("--runs", type=positive_int, default=30, help="interleaved latency runs (default: %(default)s)")
     p.add_argument("--threads", nargs="+", type=positive_int, default=[1, 2], help="(default: %(default)s)")
     p.add_argument("--arch", nargs="*", default=["aarch64", "x86"], choices=["aarch64", "x86"],
@@ -896,8 +898,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         check_output_file(Path(args.docs), "--docs", (".md",), lambda p: True)
     cfg = BenchConfig(
         out=Path(args.out), refer_root=Path(args.refer_root), model=args.model, bits=tuple(args.bits),
-        peers=tuple(args.peers), pairs=args.pairs, runs=args.runs, threads=tuple(args.threads),
-        arches=tuple(args.arch), build_dir=Path(args.build_dir), progress=not args.no_progress,
+        peers=tuple(args.peers), pairs=args.pairs, calib_size=args.calib_size, runs=args.runs,
+        threads=tuple(args.threads), arches=tuple(args.arch), build_dir=Path(args.build_dir),
+        progress=not args.no_progress,
     )  # fmt: skip
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     report = run_bench(cfg, log=log)

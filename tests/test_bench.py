@@ -59,16 +59,16 @@ def test_docs_section_is_replaced_and_the_rest_kept(tmp_path):
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """One small bench through the real CLI: ours at W8A8, the float program and two stock flows, on a small
-    ShapesRef; instruction counts are left to their own tests (--arch with no value)."""
+    """One small bench through the real CLI: ours at W8A8, the float program and the two stock flows that need no
+    calibration, on a small ShapesRef; instruction counts are left to their own tests (--arch with no value)."""
     from quantize.data.shapesref import write_shapesref
 
     folder = tmp_path_factory.mktemp("bench")
     write_shapesref(folder / "refer", seed=0, split_scenes={"train": 16, "val": 4})
     out = folder / "out"
     cmd = [sys.executable, "-m", "ptq4ris", "bench", "--out", str(out), "--refer-root", str(folder / "refer"), "--bits",
-           "w8a8", "--peers", "xnnpack-static-w8a8", "xnnpack-dynamic-int8", "--pairs", "4", "--runs", "3",
-           "--threads", "1", "--arch", "--no-progress", "--json"]  # fmt: skip
+           "w8a8", "--peers", "xnnpack-dynamic-int8", "torchao-8da4w", "--pairs", "4", "--calib-size", "4", "--runs",
+           "3", "--threads", "1", "--arch", "--no-progress", "--json"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -86,18 +86,23 @@ def test_bench_measures_every_row_in_one_run(bench):
     ours = rows["ours-w8a8"]["metrics"]
     assert ours["size_bytes_ratio"] < 0.5  # int8 weights
     assert ours["agreement_with_float"] > 90
-    for flow in ("xnnpack-static-w8a8", "xnnpack-dynamic-int8"):
+    for flow in ("xnnpack-dynamic-int8", "torchao-8da4w"):
         row = rows[flow]
         # Each stock flow either runs (and is measured like ours) or says how it failed.
         assert row["error"] or ("mIoU" in row["metrics"] and "latency_ms_1t" in row["metrics"]), row
-    assert (out / "bench.md").read_text().count("\n| ") == len(rows) + 1
+    table = (out / "bench.md").read_text()
+    assert all(f"\n| {name} |" in table for name in rows)
+    # Where the host time goes: ours runs int8 GEMMs, float none.
+    assert "int8 GEMM / conv" in rows["ours-w8a8"]["metrics"]["op_groups"]
+    assert "int8 GEMM / conv" not in rows["float"]["metrics"]["op_groups"]
+    assert "| int8 GEMM / conv |" in table
 
 
 def test_bench_reuses_what_it_built(bench):
     out, _, _ = bench
     programs = {p: p.stat().st_mtime_ns for p in (out / "pte").iterdir()}
     cmd = [sys.executable, "-m", "ptq4ris", "bench", "--out", str(out), "--refer-root", str(out.parent / "refer"),
-           "--bits", "w8a8", "--peers", "xnnpack-static-w8a8", "xnnpack-dynamic-int8", "--pairs", "2", "--runs", "1",
+           "--bits", "w8a8", "--peers", "xnnpack-dynamic-int8", "torchao-8da4w", "--pairs", "2", "--runs", "1",
            "--threads", "1", "--arch", "--no-progress"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
