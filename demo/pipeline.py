@@ -80,6 +80,8 @@ class DemoConfig:
     # Builds the float model; None is the embedded lavt-tiny. Tests pass a smaller LAVT here.
     model_factory: Callable[[], torch.nn.Module] | None = field(default=None, repr=False)
     recipe_overrides: dict = field(default_factory=dict)  # e.g. {"search": "none"} for a quick check
+    # A `ptq4ris bench` output folder whose last result the report shows (the bench itself takes longer than the demo).
+    bench: Path | None = Path("runs/bench")
 
     def float_model(self) -> torch.nn.Module:
         from quantize.models.registry import build_model

@@ -144,6 +144,11 @@ def write_report(cfg, paths: dict[str, Path], results: dict[str, dict], seconds:
             activations[f"{kind}-{label}"] = {"kind": kind, "bits": label, "png": path.name, **stats}
 
     gallery = _gallery(cfg, paths, results, model, compare)
+    bench = _bench(getattr(cfg, "bench", None))
+    if bench is not None:
+        from ptq4ris.bench import plot_bench
+
+        save_png(plot_bench(bench), figures / "bench.png")
     report = {
         "title": f"lavt-tiny quantized with PTQ4RIS ({recipe.method}, {recipe.bits.upper()})",
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -166,6 +171,7 @@ def write_report(cfg, paths: dict[str, Path], results: dict[str, dict], seconds:
         }
         | {"png": sens_png.name, "bits": cfg.compare_bits},
         "activations": activations,
+        "bench": bench,
         "gallery": [
             {"caption": r.caption, "kind": r.kind, "cells": [(c, cap) for c, _, cap in r.cells]} for r in gallery
         ],
@@ -417,6 +423,43 @@ def _everyday(calibration: dict) -> str:
     return f" plus {n} everyday referring expressions paired with the same images" if n else ""
 
 
+def _bench(folder: Path | None) -> dict | None:
+    """The last ``ptq4ris bench`` result in ``folder``, if any."""
+    path = Path(folder) / "bench.json" if folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        bench = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return bench if isinstance(bench, dict) and isinstance(bench.get("rows"), list) else None
+
+
+def _bench_html(report: dict, images: dict[str, bytes]) -> str:
+    bench = report.get("bench")
+    if not bench:
+        return ("<p class='small'>No bench result yet: <code>ptq4ris bench</code> builds ours at W8A8, W4A8 and W4A4 "
+                "and the stock XNNPACK/torchao flows and measures them side by side (accuracy, size, latency, "
+                "instructions per forward on aarch64 and x86); the next demo run shows its table here.</p>")  # fmt: skip
+    from ptq4ris.bench import format_table
+
+    lines = format_table(bench).split("\n\n")[0].splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for line in lines[2:]:
+        cells = [c.strip().replace("\\|", "|") for c in line.strip("|").split(" | ")]
+        out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    out.append("</table>")
+    if "bench.png" in images:
+        out.append(_img(images["bench.png"], "accuracy, size and instructions per forward"))
+    cfg = bench.get("config", {})
+    out.append(f"<p class='small'>From <code>ptq4ris bench --out {html.escape(str(cfg.get('out', '')))}</code> "
+               f"({bench.get('seconds', 0) / 60:.0f} min): ShapesRef val, first {cfg.get('pairs', '?')} pairs; "
+               "latency interleaved in one process; instructions per forward at one thread (aarch64 under qemu "
+               "-cpu cortex-a76, x86 under callgrind). Ratios are to float.</p>")  # fmt: skip
+    return "\n".join(out)
+
+
 def render_html(report: dict, images: dict[str, bytes], gallery) -> str:
     """The report as one HTML page with every image embedded."""
     r = report
@@ -446,6 +489,8 @@ def render_html(report: dict, images: dict[str, bytes], gallery) -> str:
         _accuracy_table(r),
         "<h2>Size and host speed</h2>",
         _sizes_latency(r),
+        "<h2>Ours and the stock flows (ptq4ris bench)</h2>",
+        _bench_html(r, images),
         "<h2>Gallery: worst parity cases first</h2>",
         (
             "<p class='small'>The val pairs where the <code>.pte</code> departs most from the simulated model, then the "

@@ -19,8 +19,11 @@ __all__ = ["OP_GROUPS", "group_of", "op_time_by_kind", "op_time_by_group"]
 
 # Operator name prefixes of each group, first match wins (XNNPACK's operator names, e.g. "Batch Matrix Multiply").
 OP_GROUPS: dict[str, tuple[str, ...]] = {
-    "int8 GEMM / conv": ("Fully Connected (NC, QS8", "Fully Connected (NC, QD8", "Convolution (NHWC, QC8",
-                         "Convolution (NHWC, QS8", "Batch Matrix Multiply (NC, QS8", "Batch Matrix Multiply (NC, QD8"),
+    # QS8/QC8: static int8 activations; QD8/QDU8: activations quantized dynamically inside the operator.
+    "int8 GEMM / conv": ("Fully Connected (NC, QS8", "Fully Connected (NC, QD8", "Fully Connected (NC, QDU8",
+                         "Convolution (NHWC, QC8", "Convolution (NHWC, QS8", "Convolution (NHWC, QD8",
+                         "Convolution (NHWC, QDU8", "Batch Matrix Multiply (NC, QS8", "Batch Matrix Multiply (NC, QD8",
+                         "Batch Matrix Multiply (NC, QDU8"),
     "float GEMM / conv": ("Fully Connected", "Convolution", "Batch Matrix Multiply"),
     "transpose / copy / slice": ("Transpose", "Copy", "Slice", "Concatenate", "Even Split", "Static Reshape",
                                  "Static Constant Pad", "Depth To Space", "Space To Depth"),

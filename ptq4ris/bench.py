@@ -28,7 +28,7 @@ import torch
 from quantize.atomic import write_atomic
 from quantize.errors import UserError
 
-__all__ = ["BENCH_KIND", "BenchConfig", "format_op_table", "format_table", "run_bench", "splice_into"]
+__all__ = ["BENCH_KIND", "BenchConfig", "format_op_table", "format_table", "plot_bench", "run_bench", "splice_into"]
 
 BENCH_KIND = "bench"
 METHOD = "ptq4ris-deploy"
@@ -269,6 +269,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     }
     write_atomic(cfg.out / "bench.json", json.dumps(report, indent=1).encode())
     write_atomic(cfg.out / "bench.md", (format_table(report) + "\n").encode())
+    write_atomic(cfg.out / "bench.png", plot_bench(report))
     return report
 
 
@@ -341,6 +342,40 @@ def format_op_table(report: dict) -> list[str]:
                 cells.append(f"{stats[group]['ms']:.2f} ({stats[group]['count']})" if group in stats else "–")
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
     return lines
+
+
+def plot_bench(report: dict) -> bytes:
+    """Accuracy against size, each program's marker area proportional to its aarch64 instructions (x86 where aarch64
+    was not counted): the trade-off of the table in one picture, as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cost = next((f"instructions_{a}" for a in ("aarch64", "x86") if any(f"instructions_{a}" in r["metrics"]
+                 for r in report["rows"])), None)  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    runs = [r for r in report["rows"] if "mIoU" in r["metrics"] and "size_bytes" in r["metrics"]]
+    top = max((r["metrics"].get(cost, 0) for r in runs), default=0) if cost else 0
+    for r in runs:
+        m = r["metrics"]
+        area = 40 + 400 * (m[cost] / top) if cost and top and cost in m else 60
+        ours = r["name"].startswith("ours")
+        ax.scatter(m["size_bytes"] / 1e6, m["mIoU"], s=area, alpha=0.6, color="tab:green" if ours else "tab:gray"
+                   if r["name"] == "float" else "tab:red", edgecolor="black")  # fmt: skip
+        label = r["name"] + (f"\n{m[cost + '_ratio']:.2f}× instr." if f"{cost}_ratio" in m else "")
+        ax.annotate(label, (m["size_bytes"] / 1e6, m["mIoU"]), fontsize=7, xytext=(6, 4), textcoords="offset points")
+    ax.set_xlabel("program size (MB)")
+    ax.set_ylabel("deployed mIoU (%)")
+    arch = cost.split("_")[1] if cost else None
+    ax.set_title(f"accuracy, size and {arch} instructions per forward (marker area)" if arch else "accuracy and size")
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def splice_into(doc: Path, table: str, command: str) -> None:

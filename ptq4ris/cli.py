@@ -827,6 +827,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    "(downloads the aarch64 ExecuTorch wheel once)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the calibration (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("--bench", default="runs/bench", help="a `ptq4ris bench` folder whose last result the report shows "
+                   "(default: %(default)s; the bench itself runs only when you ask: `ptq4ris bench`)")  # fmt: skip
     p.set_defaults(func=_run_demo)
 
 
@@ -835,7 +837,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(
         out=Path(args.out), data=Path(args.data), bits=args.bits, compare_bits=args.compare_bits, limit=args.limit,
         coreml_limit=args.coreml_limit, arm=not args.no_arm, build_arm=args.build_arm, arm_limit=args.arm_limit,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress, bench=Path(args.bench),
     )  # fmt: skip
     report = run_demo(cfg)
     print(f"report: {Path(args.out) / 'report.html'} (and report.json)")

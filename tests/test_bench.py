@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mobile_runtime.op_profile import group_of
 from ptq4ris.bench import DOCS_MARKER, format_table, splice_into
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +96,7 @@ def test_bench_measures_every_row_in_one_run(bench):
     # Where the host time goes: ours runs int8 GEMMs, float none.
     assert "int8 GEMM / conv" in rows["ours-w8a8"]["metrics"]["op_groups"]
     assert "int8 GEMM / conv" not in rows["float"]["metrics"]["op_groups"]
+    assert group_of("Fully Connected (NC, QDU8, F32, QC8W) GEMM") == "int8 GEMM / conv"  # dynamic int8
     assert "| int8 GEMM / conv |" in table
 
 
