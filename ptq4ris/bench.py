@@ -223,11 +223,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     if not cfg.bits:
         raise UserError("--bits needs at least one setting: the float program comes from its export")
     check_output_folder(cfg.out, "--out", BENCH_KIND)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    write_manifest(cfg.out, BENCH_KIND)
     start = time.perf_counter()
     model = build_model(cfg.model)
-    dataset = open_split(cfg.refer_root, "shapesref", "unc", "val", model.config)  # refused early if missing
+    dataset = open_split(cfg.refer_root, "shapesref", "unc", "val", model.config)  # refused before anything is written
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_manifest(cfg.out, BENCH_KIND)
 
     rows: list[Row] = []
     float_path = None

@@ -42,9 +42,10 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r"overflow encountered in cast", RuntimeWarning, r"coremltools\."),
 )
 
-# Lines that native code (the ExecuTorch runtime's CPU probe) writes straight to the stderr file descriptor, where no
-# Python filter sees them: on x86 and in containers it cannot read ARM CPU identification files, which is expected.
-KNOWN_NATIVE_LINES: tuple[bytes, ...] = (b"[cpuinfo_utils.cpp:",)
+# Lines that native code writes straight to the stderr file descriptor, where no Python filter sees them: the
+# ExecuTorch runtime's CPU probe (on x86 and in containers it cannot read ARM CPU identification files, which is
+# expected) and its note that the thread pool was resized (the benchmarks do it on purpose).
+KNOWN_NATIVE_LINES: tuple[bytes, ...] = (b"[cpuinfo_utils.cpp:", b"[threadpool.cpp:")
 
 
 class _DropKnown(logging.Filter):

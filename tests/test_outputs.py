@@ -220,7 +220,11 @@ def test_ctrl_c_during_data_synth_keeps_the_earlier_data(tmp_path):
     assert first.returncode == 0, first.stderr
     meta = (data / "shapesref" / "meta.json").read_bytes()
     proc = _cli("data", "synth", "--out", str(data), "--splits", "train", "--train-scenes", "40000", cwd=tmp_path)
-    code, err = _interrupt_after(proc, 6)
+    # Interrupted once rendering is under way (its staging folder exists), however slow the machine is to get there.
+    deadline = time.monotonic() + 120
+    while not list(data.glob(".shapesref-staging-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    code, err = _interrupt_after(proc, 2)
     assert code == 130 and "Traceback" not in err, err
     assert (data / "shapesref" / "meta.json").read_bytes() == meta
     assert not [p for p in data.iterdir() if p.name.startswith(".")]
