@@ -65,7 +65,8 @@ def build_counter_plugin(build_dir: Path = DEFAULT_BUILD) -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise ToolMissing(f"no C compiler (cc) to build the qemu plugin: {INSTALL_HINT['aarch64']}")
-    out = Path(build_dir) / "qemu-plugin" / "libptq4ris_insn_count.so"
+    # Absolute: qemu runs inside the runner's own working folder.
+    out = (Path(build_dir) / "qemu-plugin" / "libptq4ris_insn_count.so").resolve()
     if out.is_file() and out.stat().st_mtime >= PLUGIN_SOURCE.stat().st_mtime:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,15 @@ def test_count_scales_with_the_work_and_repeats_exactly(programs, arch, tmp_path
     assert 1.7 < double.per_forward / first.per_forward < 2.1, (first, double)
     # A forward is a real share of a run, not noise on top of loading the program.
     assert first.per_forward > 0.01 * first.totals[0]
+
+
+def test_count_with_a_relative_build_folder(programs, tmp_path, monkeypatch):
+    """The runner runs inside its own working folder: paths given relative to the caller's must still resolve."""
+    _skip_without("aarch64")
+    (small, inputs), _ = programs
+    monkeypatch.chdir(tmp_path.parent)
+    # The folder the scaling test built in, named relative to the working folder.
+    assert count_instructions(small, inputs, "aarch64", Path("count-build")).per_forward > 0
 
 
 def test_unknown_architecture_is_a_user_error(programs):
