@@ -52,7 +52,7 @@ _EH_OFFSET = 8
 _EH_MIN_LENGTH = 24  # magic, length, program size, segment base offset
 _EH_FULL_LENGTH = 32  # + segment data size
 _EXPORT_HINT = "export one with `ptq4ris export-pte`"
-_REEXPORT_HINT = "re-export it with `ptq4ris export-pte`"
+REEXPORT_HINT = "re-export it with `ptq4ris export-pte`"
 
 # Seconds a probe process may take to load a program (a LAVT-tiny program loads in about 2.5 s, torch import included).
 PROBE_TIMEOUT = 300
@@ -92,17 +92,17 @@ def check_pte_file(path: str | Path) -> PteHeader:
     except OSError as e:
         raise PteInputError(f"cannot read {path} ({e.strerror or e}): check its permissions") from e
     if size == 0:
-        raise PteInputError(f"{path} is empty, not an ExecuTorch program: {_REEXPORT_HINT}")
+        raise PteInputError(f"{path} is empty, not an ExecuTorch program: {REEXPORT_HINT}")
     if size < _EH_OFFSET + _EH_FULL_LENGTH:  # not even a header: no program is that small
         raise PteInputError(
-            f"{path} ({size} bytes) is truncated, or too small to be an ExecuTorch program: {_REEXPORT_HINT}"
+            f"{path} ({size} bytes) is truncated, or too small to be an ExecuTorch program: {REEXPORT_HINT}"
         )
     identifier = head[4:8]
     if identifier != PTE_IDENTIFIER:
         if identifier[:2] == b"ET" and identifier[2:].isdigit():
             raise PteInputError(
                 f"{path} is an ExecuTorch program of schema {identifier.decode()}, and this runtime reads "
-                f"{PTE_IDENTIFIER.decode()}: {_REEXPORT_HINT} (with the installed executorch)"
+                f"{PTE_IDENTIFIER.decode()}: {REEXPORT_HINT} (with the installed executorch)"
             )
         raise PteInputError(
             f"{path} is not an ExecuTorch program (bytes 4-8 are {bytes(identifier)!r}, not the file identifier "
@@ -112,25 +112,25 @@ def check_pte_file(path: str | Path) -> PteHeader:
     if head[_EH_OFFSET : _EH_OFFSET + 4] == EXTENDED_HEADER_MAGIC:
         length, program_size, base = struct.unpack_from("<IQQ", head, _EH_OFFSET + 4)
         if length < _EH_MIN_LENGTH:
-            raise PteInputError(f"{path} has a corrupt extended header (length {length} < 24): {_REEXPORT_HINT}")
+            raise PteInputError(f"{path} has a corrupt extended header (length {length} < 24): {REEXPORT_HINT}")
         if length > _EH_MIN_LENGTH:
             (data_size,) = struct.unpack_from("<Q", head, _EH_OFFSET + _EH_MIN_LENGTH)
         end = base + data_size if base else program_size
         if program_size > size or end > size:
             raise PteInputError(
                 f"{path} is truncated (or its header corrupt): the header declares {max(end, program_size)} bytes, the "
-                f"file has {size}; copy it again or {_REEXPORT_HINT}"
+                f"file has {size}; copy it again or {REEXPORT_HINT}"
             )
         if program_size < _EH_OFFSET + length or (base and base < program_size):
             raise PteInputError(
                 f"{path} has a corrupt extended header (length {length}, program {program_size} bytes, segments at "
-                f"{base}): {_REEXPORT_HINT}"
+                f"{base}): {REEXPORT_HINT}"
             )
     (root,) = struct.unpack_from("<I", head, 0)
     if not _EH_OFFSET <= root < program_size:
         raise PteInputError(
             f"{path} is corrupt (its root table offset {root} lies outside its {program_size} bytes of program data): "
-            f"{_REEXPORT_HINT}"
+            f"{REEXPORT_HINT}"
         )
     return PteHeader(size, program_size, base, data_size)
 
@@ -206,7 +206,7 @@ def probe_programs(*paths: str | Path) -> None:
         names = ", ".join(str(p) for p in todo)
         raise PteInputError(
             f"loading {names} did not finish within {PROBE_TIMEOUT} s in a probe process: is it an ExecuTorch "
-            f"program? {_REEXPORT_HINT}"
+            f"program? {REEXPORT_HINT}"
         ) from e
     except OSError as e:  # no process could be started: fall back to the header checks alone
         logger.warning("could not start a probe process (%s); loading %s in-process", e, todo)
@@ -227,7 +227,7 @@ def probe_programs(*paths: str | Path) -> None:
         if failed is not None and failed[0] == index:
             detail = "; ".join(x for x in (_runtime_log(done.stderr), failed[1]) if x)
             detail = detail if len(detail) <= 240 else detail[:237] + "..."
-            raise PteInputError(f"{path} is not a loadable ExecuTorch program ({detail}): {_REEXPORT_HINT}")
+            raise PteInputError(f"{path} is not a loadable ExecuTorch program ({detail}): {REEXPORT_HINT}")
         if done.returncode < 0:
             try:
                 how = signal.Signals(-done.returncode).name
@@ -235,7 +235,7 @@ def probe_programs(*paths: str | Path) -> None:
                 how = f"signal {-done.returncode}"
             raise PteInputError(
                 f"{path} is not a loadable ExecuTorch program (the ExecuTorch runtime aborted loading it, {how}): "
-                f"{_REEXPORT_HINT}"
+                f"{REEXPORT_HINT}"
             )
         # The child failed before loading anything (a broken installation, not the file): say so, with its words.
         tail = " ".join(done.stderr.strip().splitlines()[-1:]) or f"exit {done.returncode}"
@@ -270,7 +270,7 @@ class PteProgram:
             self.input_dtypes = [_DTYPES.get(info.dtype()) for info in infos]
         except Exception as e:  # the runtime raises plain RuntimeErrors with a status code; KeyError: no forward
             raise PteInputError(
-                f"{self.path} is not a loadable ExecuTorch program ({' '.join(str(e).split())}): {_REEXPORT_HINT}"
+                f"{self.path} is not a loadable ExecuTorch program ({' '.join(str(e).split())}): {REEXPORT_HINT}"
             ) from e
         self.names = names or tuple(f"input {i}" for i in range(len(self.input_shapes)))
 

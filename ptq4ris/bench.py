@@ -63,9 +63,11 @@ class Row:
 def _one_line(error: BaseException) -> str:
     from mobile_runtime.runtime import PteInputError
 
+    from mobile_runtime.runtime import REEXPORT_HINT as hint  # noqa: N813
+
     if isinstance(error, PteInputError) and error.__cause__ is not None:
         error = error.__cause__  # the runtime's own words; our re-export hint is about our programs
-    text = " ".join(str(error).split())
+    text = " ".join(str(error).split()).replace(f": {hint}", "")
     return f"{type(error).__name__}: {text[:300]}"
 
 
@@ -155,7 +157,7 @@ def _accuracy(rows: list[Row], dataset, limit: int, progress: bool) -> None:
                         agree += int((pred[0].bool() == float_masks[i]).sum())
                     bar.update(1)
         except Exception as e:  # noqa: BLE001 - a program that fails at run time is a row of the bench
-            row.error = f"fails at run time: {_one_line(e)}"
+            row.error = f"fails to load or run: {_one_line(e)}"
             continue
         summary = metrics.summary()
         row.metrics.update(pairs=n, mIoU=summary["mIoU"], oIoU=summary["oIoU"])
