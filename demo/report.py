@@ -145,10 +145,8 @@ def write_report(cfg, paths: dict[str, Path], results: dict[str, dict], seconds:
 
     gallery = _gallery(cfg, paths, results, model, compare)
     bench = _bench(getattr(cfg, "bench", None))
-    if bench is not None:
-        from ptq4ris.bench import plot_bench
-
-        save_png(plot_bench(bench), figures / "bench.png")
+    if bench is not None and (Path(cfg.bench) / "bench.png").is_file():
+        save_png((Path(cfg.bench) / "bench.png").read_bytes(), figures / "bench.png")
     report = {
         "title": f"lavt-tiny quantized with PTQ4RIS ({recipe.method}, {recipe.bits.upper()})",
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -424,15 +422,18 @@ def _everyday(calibration: dict) -> str:
 
 
 def _bench(folder: Path | None) -> dict | None:
-    """The last ``ptq4ris bench`` result in ``folder``, if any."""
-    path = Path(folder) / "bench.json" if folder else None
-    if path is None or not path.is_file():
+    """The last ``ptq4ris bench`` result in ``folder``, if any: its JSON and the first table of its ``bench.md`` (the
+    files it wrote are read, so the report needs nothing of the command line)."""
+    if not folder or not (Path(folder) / "bench.json").is_file() or not (Path(folder) / "bench.md").is_file():
         return None
     try:
-        bench = json.loads(path.read_text())
+        bench = json.loads((Path(folder) / "bench.json").read_text())
+        table = (Path(folder) / "bench.md").read_text().split("\n\n")[0]
     except (OSError, ValueError):
         return None
-    return bench if isinstance(bench, dict) and isinstance(bench.get("rows"), list) else None
+    if not isinstance(bench, dict) or not isinstance(bench.get("rows"), list):
+        return None
+    return {**bench, "table": table}
 
 
 def _bench_html(report: dict, images: dict[str, bytes]) -> str:
@@ -441,9 +442,7 @@ def _bench_html(report: dict, images: dict[str, bytes]) -> str:
         return ("<p class='small'>No bench result yet: <code>ptq4ris bench</code> builds ours at W8A8, W4A8 and W4A4 "
                 "and the stock XNNPACK/torchao flows and measures them side by side (accuracy, size, latency, "
                 "instructions per forward on aarch64 and x86); the next demo run shows its table here.</p>")  # fmt: skip
-    from ptq4ris.bench import format_table
-
-    lines = format_table(bench).split("\n\n")[0].splitlines()
+    lines = bench["table"].splitlines()
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for line in lines[2:]:
