@@ -74,6 +74,10 @@ def _one_line(error: BaseException) -> str:
 def _cli(*args: str) -> None:
     # The children's progress and summaries are the bench's log: stderr, so that stdout stays the table (or JSON).
     done = subprocess.run([sys.executable, "-m", "ptq4ris", *args], stdout=sys.stderr.fileno(), check=False)
+    if done.returncode == 2:  # a user's mistake: the child has said which, in one line, above
+        raise UserError(f"`ptq4ris {args[0]}` stopped the bench (its message is above)")
+    if done.returncode == 130:
+        raise KeyboardInterrupt
     if done.returncode != 0:
         raise RuntimeError(f"`ptq4ris {' '.join(args)}` failed with exit {done.returncode}")
 
