@@ -1,10 +1,13 @@
 """Instructions retired per forward of a ``.pte`` program: a cost measure that machine noise cannot move.
 
 Wall-clock time on a shared x86 host neither shows what an ARM phone pays (its int8 dot-product units and its
-overheads differ) nor repeats from run to run. Instructions retired by the same native runner do repeat, exactly:
+overheads differ) nor repeats from run to run. Instructions retired by the same native runner do repeat (exactly on
+x86; on aarch64 within about 2e-4 of a forward, since qemu's own threads perturb where guest memory lands and copies
+take alignment-dependent paths):
 
 - ``aarch64``: the aarch64 runner under ``qemu-aarch64 -cpu cortex-a76`` (XNNPACK's NEON and dot-product kernels) with
-  a small TCG plugin (``native/insn_count.c``, built here) that counts the guest instructions of every executed block;
+  a small TCG plugin (``native/insn_count.c``, built here) that counts the guest instructions of every block the main
+  thread executes;
 - ``x86``: the host runner under valgrind's callgrind (``Ir`` inside the forwards, on the main thread).
 
 One forward is the difference between a run of the program with two timed forwards and one with one (both after a
