@@ -28,6 +28,8 @@ import torch
 from quantize.atomic import write_atomic
 from quantize.errors import UserError
 
+from .errors import one_line
+
 __all__ = ["BENCH_KIND", "BenchConfig", "format_op_table", "format_table", "plot_bench", "run_bench", "splice_into"]
 
 BENCH_KIND = "bench"
@@ -67,7 +69,7 @@ def _one_line(error: BaseException) -> str:
 
     if isinstance(error, PteInputError) and error.__cause__ is not None:
         error = error.__cause__  # the runtime's own words; our re-export hint is about our programs
-    text = " ".join(str(error).split()).replace(f": {hint}", "")
+    text = one_line(error).replace(f": {hint}", "")
     return f"{type(error).__name__}: {text[:300]}"
 
 

@@ -896,6 +896,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from .bench import BenchConfig, format_table, run_bench, splice_into
 
+    if Path(args.build_dir).exists() and not Path(args.build_dir).is_dir():
+        raise UserError(f"--build-dir {args.build_dir} is a file; name a folder for the native runners")
     if args.docs:  # the bench section is spliced in: the rest of the file is kept
         check_output_file(Path(args.docs), "--docs", (".md",), lambda p: True)
     cfg = BenchConfig(
