@@ -9,8 +9,9 @@ have: DRQ's two regions, RORQ's channel groups. Each has an exact equivalent bui
   ``clamp(x, ±t_1)`` and every tier slice ``clamp(x, ±t_{i+1}) − clamp(x, ±t_i)`` is one more stream, a GEMM over the
   channels from the first that passes t_i on (range order: the outlier channels);
 - DRQ post-GELU: Q(x) = Q_neg(min(x, 0)) + Q_pos(max(x, 0)) and ``op`` is linear, so two streams on the two regions;
-- DRQ post-softmax feeds an activation × activation matmul, which XNNPACK runs in F32 anyway: the two regions stay
-  as exact float ops (floor/clamp/mul, all delegated) in front of the F32 ``bmm``;
+- DRQ post-softmax feeds an activation × activation matmul, which XNNPACK runs in F32 anyway (it has no int8 kernel
+  for two runtime operands): each region is an int8 quantize/dequantize round trip and an exact power-of-two region
+  select picks between them, in front of the F32 ``bmm``;
 - element-wise RORQ tiers pick a grid per element, each grid covering its tier's values only; they are refused:
   calibrate with ``ptq4ris-deploy``, whose tier slices are the deployable equivalent.
 
@@ -27,6 +28,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.ao.quantization.fx._decomposed  # registers the quantize/dequantize ops that PT2E graphs are made of
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,6 +42,8 @@ from quantize.calibration.quantizers import (
     UniformQuantizer,
 )
 from quantize.errors import UserError
+
+_QD = torch.ops.quantized_decomposed
 
 __all__ = [
     "ActGrid",
@@ -195,10 +199,13 @@ class DeployLayer(nn.Module):
 
 
 class DrqSoftmaxForm(nn.Module):
-    """Post-softmax DRQ in exact float ops: regions by ``floor(x·2^m)``, levels by ``floor(x/Δ + ½)``.
+    """Post-softmax DRQ as two int8 round trips and one region select, all delegable.
 
-    All multipliers are powers of two or the integer level count, so region membership is exact; levels match the
-    simulation's round-half-to-even except on exact ties.
+    Each region's grid is a per-tensor int8 quantize/dequantize pair: ``hi`` on Δ = 1/L (softmax outputs stay within
+    L·Δ = 1, so it never saturates), ``lo`` on Δ·2^−m, whose top level L·Δ·2^−m is the split itself (an explicit clamp
+    keeps narrow grids there, as the int8 container would saturate at 127 instead). The converts round half to even
+    like the simulated quantizer. The region is ``clamp(floor(x·2^m), 0, 1)``: a power-of-two product, so membership
+    is exact. Ten element-wise passes over the attention matrix; the form with float rounding needed sixteen.
     """
 
     def __init__(self, bits: int, split_exponent: int) -> None:
@@ -206,10 +213,16 @@ class DrqSoftmaxForm(nn.Module):
         self.bits, self.m = bits, split_exponent
         self.levels = 2 ** (bits - 1) - 1
 
+    @staticmethod
+    def _round_trip(x: torch.Tensor, scale: float) -> torch.Tensor:
+        q = _QD.quantize_per_tensor(x, scale, 0, -128, 127, torch.int8)
+        return _QD.dequantize_per_tensor(q, scale, 0, -128, 127, torch.int8)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        L, up = float(self.levels), float(2.0**self.m)
-        hi = torch.floor(x * L + 0.5).clamp(0, L) * (1.0 / L)
-        lo = torch.floor(x * (L * up) + 0.5).clamp(0, L) * (1.0 / (L * up))
+        up = float(2.0**self.m)
+        step = 1.0 / self.levels
+        hi = self._round_trip(x, step)
+        lo = self._round_trip(x if self.levels == 127 else x.clamp(max=1.0 / up), step / up)
         high_region = torch.floor(x * up).clamp(0, 1)
         return lo + high_region * (hi - lo)
 
