@@ -8,7 +8,9 @@ have: DRQ's two regions, RORQ's channel groups. Each has an exact equivalent bui
   ``Σ_g op(x[g], ŵ[:, g])``, each group on its own grid; with magnitude tiers the groups take the bulk
   ``clamp(x, ±t_1)`` and every tier slice ``clamp(x, ±t_{i+1}) − clamp(x, ±t_i)`` is one more stream, a GEMM over the
   channels from the first that passes t_i on (range order: the outlier channels);
-- DRQ post-GELU: Q(x) = Q_neg(min(x, 0)) + Q_pos(max(x, 0)) and ``op`` is linear, so two streams on the two regions;
+- DRQ post-GELU: Q(x) = Q_neg(min(x, 0)) + Q_pos(max(x, 0)) and ``op`` is linear, so two streams on the two regions,
+  both fed GELU's output as it is: the negative grid sits at the top of the int8 container, where positive inputs
+  saturate to its zero, and the positive grid's clamp takes the negative inputs to its own;
 - DRQ post-softmax feeds an activation × activation matmul, which XNNPACK runs in F32 anyway (it has no int8 kernel
   for two runtime operands): each region is an int8 quantize/dequantize round trip and an exact power-of-two region
   select picks between them, in front of the F32 ``bmm``;
@@ -181,8 +183,8 @@ class DeployLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feed == "whole":
             return self.streams[0](x)
-        if self.feed == "drq_gelu":
-            return self.streams[0](x.clamp(max=0)) + self.streams[1](x.clamp(min=0))
+        if self.feed == "drq_gelu":  # each region's grid saturates (or clamps) the other region to its zero
+            return self.streams[0](x) + self.streams[1](x)
         t = self.thresholds
         bulk = x.clamp(-t[0], t[0]) if t else x
         width = x.shape[self.axis] // self.groups
@@ -308,7 +310,10 @@ def _lower_layer(site: nn.Module) -> tuple[DeployLayer, SiteLowering]:
         layer = DeployLayer([stream(weight, bias, act_grid(q))], "whole")
         record.lowered_as = "int8 kernel"
     elif isinstance(q, DrqGeluQuantizer):
-        neg = _container(q.delta_neg, 0, -(q.levels + 1), 0, q.bits)
+        # The negative region's grid sits at the top of the int8 container (zero point 127): every positive input
+        # saturates to 127, the grid's zero, so that stream takes GELU's output as it is, with no clamp. Its bottom
+        # needs none either: GELU never goes below −GELU_MIN, the grid's last step.
+        neg = ActGrid(q.delta_neg, 127, -128, 127, q.bits)
         pos = ActGrid(q.delta_pos.item(), 0, 0, q.levels, q.bits)
         layer = DeployLayer([stream(weight, None, neg), stream(weight, bias, pos)], "drq_gelu")
         record.lowered_as, record.streams = "2 int8 streams (DRQ regions)", 2
