@@ -4,6 +4,9 @@ Usage::
 
     python -m mobile_runtime.benchmark float=model.float.pte int8=model.pte w4=w4.pte --threads 1 2
 
+A program is a ``.pte`` (the ExecuTorch runtime, its XNNPACK thread pool at the thread count) or an ``.onnx`` model (ONNX
+Runtime's CPU provider with that many intra-op threads), so ONNX Runtime peers are timed in the same rounds.
+
 For each thread count every program is loaded, warmed up, then timed in interleaved rounds (one run of each program
 per round, the order rotating), so that the machine's drift hits all of them alike; the table gives the median,
 min and mean per program and each median's ratio to the first program's. Absolute times on a shared machine mean
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from quantize.errors import UserError
 
-__all__ = ["benchmark", "format_benchmark", "main", "program_inputs"]
+__all__ = ["benchmark", "format_benchmark", "main", "program_inputs", "program_size"]
 
 
 def program_inputs(program) -> list[torch.Tensor]:
@@ -44,15 +47,35 @@ def program_inputs(program) -> list[torch.Tensor]:
     return inputs
 
 
+def program_size(path: str | Path) -> int:
+    """Bytes a program ships as: a ``.pte`` (or its stage programs), an ``.onnx`` file, or a package folder's files."""
+    from .runtime import program_bytes
+
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    if path.suffix == ".onnx":
+        return path.stat().st_size
+    return program_bytes(path)
+
+
+def _load(path: str | Path, threads: int):
+    if Path(path).suffix == ".onnx":
+        from .onnxruntime_flow import OrtProgram
+
+        return OrtProgram(path, threads)
+    from .runtime import load_full_model
+
+    return load_full_model(path)
+
+
 def benchmark(programs: dict[str, str | Path], threads: list[int], runs: int = 20, warmup: int = 3) -> dict:
     """Time ``programs`` (name → path) interleaved at each thread count; returns per-thread-count statistics."""
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
-    from .runtime import load_full_model, program_bytes
-
     if runs < 1 or warmup < 0:
         raise UserError("runs must be positive and warmup non-negative")
-    report = {"runs": runs, "warmup": warmup, "sizes": {n: program_bytes(p) for n, p in programs.items()}}
+    report = {"runs": runs, "warmup": warmup, "sizes": {n: program_size(p) for n, p in programs.items()}}
     names = list(programs)
     for n_threads in threads:
         # Reset the pool before loading: an XNNPACK runtime keeps the pool it was created with, and resetting it under
@@ -60,7 +83,7 @@ def benchmark(programs: dict[str, str | Path], threads: list[int], runs: int = 2
         loaded = None
         gc.collect()
         _unsafe_reset_threadpool(n_threads)
-        loaded = {name: load_full_model(path) for name, path in programs.items()}
+        loaded = {name: _load(path, n_threads) for name, path in programs.items()}
         inputs = {name: program_inputs(p) for name, p in loaded.items()}
         for name in names:
             for _ in range(warmup):

@@ -1,13 +1,19 @@
 """``ptq4ris bench``: ours and the stock flows side by side, measured in one run.
 
-Rows: the float program, ours (PTQ4RIS, deployable form) at each requested bit setting, and the stock flows of
-:mod:`mobile_runtime.stock_flows`, all full-model ``.pte`` programs on XNNPACK. For each row:
+Rows: the float program, ours (PTQ4RIS, deployable form) at each requested bit setting, the stock ExecuTorch flows of
+:mod:`mobile_runtime.stock_flows` (full-model ``.pte`` programs on XNNPACK), ONNX Runtime's static QDQ quantization
+(:mod:`mobile_runtime.onnxruntime_flow`) and coremltools' own W8A8 (:mod:`ios_export.coreml_stock_flow`), all from the
+same float model and calibration pairs. For each row:
 
 - deployed mIoU / oIoU on val pairs and mask agreement with the float program (host ExecuTorch runtime);
 - file size;
 - host latency at each thread count, all programs interleaved in one process (:mod:`mobile_runtime.benchmark`);
 - instructions per forward on aarch64 (qemu, cortex-a76) and x86 (callgrind) (:mod:`mobile_runtime.instruction_count`),
   with their ratio to float: the figure machine noise cannot move.
+
+A row measures what its runtime allows here: ONNX Runtime has no aarch64 build that runs under qemu-user here (x86
+instructions only), and a Core ML package runs only on Apple devices (its accuracy comes from the MIL interpreter; no
+latency, no instructions). Each gap is written in the row's notes.
 
 A flow that fails to lower or to run keeps its row, with the error. Calibrated artifacts and programs are cached in the
 output folder (a rerun reuses them); the measurements are taken afresh on every run.
@@ -22,19 +28,57 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from quantize.atomic import write_atomic
 from quantize.errors import UserError
 
 from .errors import one_line
 
+if TYPE_CHECKING:  # torch loads with the bench, not with the command line that lists its peers
+    import torch
+
 __all__ = ["BENCH_KIND", "BenchConfig", "format_op_table", "format_table", "plot_bench", "run_bench", "splice_into"]
 
 BENCH_KIND = "bench"
 METHOD = "ptq4ris-deploy"
 DOCS_MARKER = "<!-- bench section: written by ptq4ris bench --docs -->"
+
+ORT_FLOW = "onnxruntime-static-qdq"
+ORT_WEIGHTED_FLOW = "onnxruntime-static-qdq-weighted"
+COREML_FLOW = "coremltools-w8a8"
+# Peers outside ExecuTorch: name -> (runtime, what, file suffix).
+OTHER_PEERS: dict[str, tuple[str, str, str]] = {
+    ORT_FLOW: (
+        "onnxruntime",
+        "ONNX Runtime quantize_static, QDQ int8, per-channel weights, Percentile, all ops",
+        ".onnx",
+    ),
+    ORT_WEIGHTED_FLOW: (
+        "onnxruntime",
+        "ONNX Runtime quantize_static, QDQ int8, per-channel weights, Percentile, ops with weights only",
+        ".onnx",
+    ),
+    COREML_FLOW: (
+        "coreml",
+        "coremltools LinearQuantizerConfig W8A8 (CoreMLQuantizer, PT2E) + linear_quantize_weights, iOS17 fp16",
+        ".mlpackage",
+    ),
+}
+NOT_HERE = {
+    "onnxruntime": {"instructions_aarch64": "no aarch64 ONNX Runtime runs under qemu-user here"},
+    "coreml": {
+        "latency": "Core ML runs only on Apple devices (accuracy from the MIL interpreter)",
+        "instructions_aarch64": "Core ML runs only on Apple devices",
+        "instructions_x86": "Core ML runs only on Apple devices",
+    },
+}
+
+
+def peer_names() -> tuple[str, ...]:
+    from mobile_runtime.stock_flows import STOCK_FLOWS
+
+    return (*STOCK_FLOWS, *OTHER_PEERS)
 
 
 @dataclass
@@ -43,8 +87,16 @@ class BenchConfig:
     refer_root: Path
     model: str = "lavt-tiny"
     bits: tuple[str, ...] = ("w8a8", "w4a8", "w4a4")
-    peers: tuple[str, ...] = ("xnnpack-static-w8a8", "xnnpack-dynamic-int8", "torchao-8da4w")
+    peers: tuple[str, ...] = (
+        "xnnpack-static-w8a8",
+        "xnnpack-dynamic-int8",
+        "torchao-8da4w",
+        ORT_FLOW,
+        ORT_WEIGHTED_FLOW,
+        COREML_FLOW,
+    )
     pairs: int = 1000
+    interpreter_pairs: int = 100  # a Core ML package's pairs: the MIL interpreter takes seconds a pair
     calib_size: int = 32
     runs: int = 30
     threads: tuple[int, ...] = (1, 2)
@@ -60,6 +112,8 @@ class Row:
     path: str | None = None
     error: str | None = None
     metrics: dict = field(default_factory=dict)
+    runtime: str = "executorch"
+    notes: dict[str, str] = field(default_factory=dict)  # measurement -> why this runtime cannot take it here
 
 
 def _one_line(error: BaseException) -> str:
@@ -108,28 +162,72 @@ def _ours(cfg: BenchConfig, bits: str, with_float: bool, log) -> tuple[Path, Pat
 
 
 def _peer(cfg: BenchConfig, flow: str, model, calib, log) -> Row:
-    from mobile_runtime.stock_flows import STOCK_FLOWS, lower_stock_flow
+    from mobile_runtime.stock_flows import STOCK_FLOWS
 
-    row = Row(flow, STOCK_FLOWS[flow])
-    pte = cfg.out / "pte" / f"{flow}.pte"
-    failed = pte.with_suffix(".error.json")
-    versions = {"torch": torch.__version__, "executorch": _version("executorch"), "torchao": _version("torchao")}
+    if flow in STOCK_FLOWS:
+        runtime, what, suffix, folder = "executorch", STOCK_FLOWS[flow], ".pte", "pte"
+    else:
+        runtime, what, suffix = OTHER_PEERS[flow]
+        folder = runtime
+    row = Row(flow, what, runtime=runtime, notes=dict(NOT_HERE.get(runtime, {})))
+    path = cfg.out / folder / f"{flow}{suffix}"
+    failed = path.with_name(f"{flow}.error.json")
+    import torch
+
+    versions = {"torch": torch.__version__, **{p: _version(p) for p in _RUNTIME_PACKAGES[runtime]}}
     if failed.is_file():
         record = json.loads(failed.read_text())
         if record.get("versions") == versions:
             row.error = record["error"]
             return row
-    if not pte.is_file():
-        log(f"[{flow}] lowering ...")
+    if not path.exists():
+        log(f"[{flow}] building ...")
         try:
-            buffer = lower_stock_flow(flow, model, calib)
+            _build_peer(flow, runtime, model, calib, path)
         except Exception as e:  # noqa: BLE001 - a stock flow's failure is a result of the bench
-            row.error = f"fails to lower: {_one_line(e)}"
+            row.error = f"fails to build: {_one_line(e)}"
             write_atomic(failed, json.dumps({"error": row.error, "versions": versions}).encode())
             return row
-        write_atomic(pte, buffer)
-    row.path = str(pte)
+    row.path = str(path)
     return row
+
+
+_RUNTIME_PACKAGES = {
+    "executorch": ("executorch", "torchao"),
+    "onnxruntime": ("onnxruntime", "onnx"),
+    "coreml": ("coremltools", "executorch"),
+}
+
+
+def _build_peer(flow: str, runtime: str, model, calib, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if runtime == "executorch":
+        from mobile_runtime.stock_flows import lower_stock_flow
+
+        write_atomic(path, lower_stock_flow(flow, model, calib))
+    elif runtime == "onnxruntime":
+        from mobile_runtime.onnxruntime_flow import WEIGHTED_OPS, build_ort_static
+
+        build_ort_static(model, calib, path, op_types=WEIGHTED_OPS if flow == ORT_WEIGHTED_FLOW else None)
+    else:
+        from ios_export.coreml_stock_flow import build_coreml_stock_w8a8
+
+        build_coreml_stock_w8a8(model, calib, path)
+
+
+def _load(row: Row):
+    """A callable ``(image, input_ids, attention_mask) -> logits`` for the row's program on its runtime."""
+    if row.runtime == "onnxruntime":
+        from mobile_runtime.onnxruntime_flow import OrtProgram
+
+        return OrtProgram(row.path)
+    if row.runtime == "coreml":
+        from ios_export.parity import CoreMLProgram
+
+        return CoreMLProgram(row.path)
+    from mobile_runtime.runtime import load_full_model
+
+    return load_full_model(row.path)
 
 
 def _version(package: str) -> str:
@@ -138,20 +236,20 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def _accuracy(rows: list[Row], dataset, limit: int, progress: bool) -> None:
-    """Deployed mIoU / oIoU of every runnable row, and its mask agreement with the float row (the first)."""
-    from mobile_runtime.runtime import load_full_model
+def _accuracy(rows: list[Row], dataset, limit: int, progress: bool, interpreter_pairs: int) -> None:
+    """Deployed mIoU / oIoU of every runnable row, and its mask agreement with the float row (the first). A Core ML
+    package runs in the MIL interpreter, seconds a pair: it is scored on the first ``interpreter_pairs``."""
     from quantize.metrics import RisMetrics
     from quantize.progress import progress_bar
 
-    n = min(limit, len(dataset))
     float_masks = None
     for row in rows:
         if row.error:
             continue
+        n = min(limit, len(dataset), interpreter_pairs if row.runtime == "coreml" else limit)
         metrics, agree, masks = RisMetrics(), 0, []
         try:
-            program = load_full_model(row.path)
+            program = _load(row)
             with progress_bar(progress, total=n, desc=f"accuracy {row.name}", unit="pair") as bar:
                 for i in range(n):
                     item = dataset[i]
@@ -174,14 +272,16 @@ def _accuracy(rows: list[Row], dataset, limit: int, progress: bool) -> None:
 
 
 def _latency(rows: list[Row], cfg: BenchConfig) -> dict:
-    from mobile_runtime.benchmark import benchmark
+    from mobile_runtime.benchmark import benchmark, program_size
 
-    programs = {row.name: row.path for row in rows if not row.error}
-    report = benchmark(programs, list(cfg.threads), runs=cfg.runs, warmup=3)
+    timed = [row for row in rows if not row.error and "latency" not in row.notes]
+    report = benchmark({row.name: row.path for row in timed}, list(cfg.threads), runs=cfg.runs, warmup=3)
     for row in rows:
         if row.error:
             continue
-        row.metrics["size_bytes"] = report["sizes"][row.name]
+        row.metrics["size_bytes"] = program_size(row.path)
+        if row not in timed:
+            continue
         for threads in cfg.threads:
             row.metrics[f"latency_ms_{threads}t"] = report[f"threads={threads}"][row.name]["median_ms"]
     return report
@@ -192,7 +292,7 @@ def _op_profile(rows: list[Row], inputs: tuple[torch.Tensor, ...]) -> None:
     from mobile_runtime.op_profile import op_time_by_group, op_time_by_kind
 
     for row in rows:
-        if row.error:
+        if row.error or row.runtime != "executorch":
             continue
         try:
             row.metrics["op_groups"] = op_time_by_group(op_time_by_kind(row.path, inputs))
@@ -207,17 +307,21 @@ def _instructions(rows: list[Row], cfg: BenchConfig, inputs: tuple[torch.Tensor,
     skipped = {}
     for arch in cfg.arches:
         for row in rows:
-            if row.error:
+            if row.error or f"instructions_{arch}" in row.notes:
                 continue
             log(f"[{row.name}] counting {arch} instructions ...")
             try:
-                row.metrics[f"instructions_{arch}"] = count_instructions(
-                    row.path, inputs, arch, cfg.build_dir
-                ).per_forward
+                if row.runtime == "onnxruntime":
+                    from mobile_runtime.onnxruntime_flow import count_ort_instructions_x86
+
+                    count = count_ort_instructions_x86(row.path, inputs)
+                else:
+                    count = count_instructions(row.path, inputs, arch, cfg.build_dir).per_forward
+                row.metrics[f"instructions_{arch}"] = count
             except ToolMissing as e:
                 skipped[arch] = str(e)
                 break
-            except RuntimeError as e:
+            except (RuntimeError, UserError) as e:
                 row.metrics[f"instructions_{arch}_error"] = _one_line(e)
     return skipped
 
@@ -249,7 +353,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         rows.append(_peer(cfg, flow, model, calib, log))
 
     log(f"accuracy on {min(cfg.pairs, len(dataset))} val pairs ...")
-    _accuracy(rows, dataset, cfg.pairs, cfg.progress)
+    _accuracy(rows, dataset, cfg.pairs, cfg.progress, cfg.interpreter_pairs)
     log(f"latency: {cfg.runs} interleaved runs at {', '.join(map(str, cfg.threads))} thread(s) ...")
     latency = _latency(rows, cfg)
     item = dataset[0]
@@ -323,6 +427,20 @@ def format_table(report: dict) -> str:
     ]
     for arch, reason in report.get("counts_skipped", {}).items():
         lines.append(f"{arch} instructions not counted: {reason}")
+    for row in report["rows"]:
+        n = row["metrics"].get("pairs")
+        if n is not None and n != pairs:
+            lines.append(f"{row['name']}: accuracy and agreement on the first {n} pairs (MIL interpreter)")
+    for row in report["rows"]:
+        if row.get("error"):
+            continue
+        gaps: dict[str, list[str]] = {}
+        for measure, why in row.get("notes", {}).items():
+            gaps.setdefault(why, []).append(measure.replace("_", " "))
+        for key in (k for k in row["metrics"] if k.endswith("_error")):
+            gaps.setdefault(row["metrics"][key], []).append(key.removesuffix("_error").replace("_", " "))
+        for why, measures in gaps.items():
+            lines.append(f"{row['name']}: {', '.join(measures)} not measured: {why}")
     lines += ["", *format_op_table(report)]
     return "\n".join(lines)
 

@@ -858,8 +858,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from mobile_runtime.stock_flows import STOCK_FLOWS
     from quantize.calibration.recipe import BIT_SETTINGS
+
+    from .bench import BenchConfig, peer_names
 
     p = sub.add_parser(
         "bench",
@@ -867,17 +868,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         description="Build (or reuse from --out) the float program, ours at each --bits and the stock flows a user "
         "would try first, then measure them in one run: deployed mIoU/oIoU on ShapesRef val and mask agreement with "
         "float, file size, host latency interleaved at each thread count, and instructions per forward on aarch64 "
-        "(qemu, cortex-a76) and x86 (callgrind), with ratios to float. A flow that fails keeps its row with the "
-        "error. Writes OUT/bench.json and OUT/bench.md.",
+        "(qemu, cortex-a76) and x86 (callgrind), with ratios to float. Peers: the stock ExecuTorch flows, ONNX "
+        "Runtime's static QDQ quantization and coremltools' own W8A8 (checked with the MIL interpreter). A flow that "
+        "fails keeps its row with the error. Writes OUT/bench.json, OUT/bench.md and OUT/bench.png.",
     )
     p.add_argument("--out", default="runs/bench", help="cache and result folder (default: %(default)s)")
     p.add_argument("--refer-root", default=DEFAULT_DATA_ROOT, help="folder holding shapesref/ (default: %(default)s)")
     p.add_argument("--model", default="lavt-tiny", help="(default: %(default)s)")
     p.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a4"], choices=sorted(BIT_SETTINGS),
                    help="our settings (default: %(default)s)")  # fmt: skip
-    p.add_argument("--peers", nargs="*", default=list(STOCK_FLOWS), choices=list(STOCK_FLOWS),
-                   help="stock flows to compare with (default: all)")  # fmt: skip
+    p.add_argument("--peers", nargs="*", default=list(BenchConfig.peers), choices=list(peer_names()),
+                   help="peer flows to compare with (default: all; none: --peers)")  # fmt: skip
     p.add_argument("--pairs", type=positive_int, default=1000, help="val pairs for accuracy (default: %(default)s)")
+    p.add_argument("--interpreter-pairs", type=positive_int, default=BenchConfig.interpreter_pairs,
+                   help="val pairs for a Core ML package, run by the MIL interpreter at seconds a pair (default: "
+                   "%(default)s)")  # fmt: skip
     p.add_argument("--calib-size", type=positive_int, default=32, help="train pairs ours and the stock flows calibrate "
                    "on (default: %(default)s)")  # fmt: skip
     p.add_argument("--runs", type=positive_int, default=30, help="interleaved latency runs (default: %(default)s)")
@@ -902,7 +907,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         check_output_file(Path(args.docs), "--docs", (".md",), lambda p: True)
     cfg = BenchConfig(
         out=Path(args.out), refer_root=Path(args.refer_root), model=args.model, bits=tuple(args.bits),
-        peers=tuple(args.peers), pairs=args.pairs, calib_size=args.calib_size, runs=args.runs,
+        peers=tuple(args.peers), pairs=args.pairs, interpreter_pairs=args.interpreter_pairs,
+        calib_size=args.calib_size, runs=args.runs,
         threads=tuple(args.threads), arches=tuple(args.arch), build_dir=Path(args.build_dir),
         progress=not args.no_progress,
     )  # fmt: skip

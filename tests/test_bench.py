@@ -46,6 +46,26 @@ def test_table_gives_ratios_to_float_and_failures_as_rows():
     assert failed.count("|") == lines[0].count("|") + 1  # the escaped bar
 
 
+def test_a_measure_a_runtime_cannot_take_here_is_named_with_its_reason():
+    rows = [
+        {"name": "float", "what": "float32", "error": None, "metrics": {"pairs": 8, "mIoU": 97.0, "oIoU": 97.5,
+         "size_bytes": 100e6, "latency_ms_1t": 20.0, "latency_ms_2t": 12.0, "instructions_aarch64": 1e9}},
+        {"name": "coremltools-w8a8", "what": "peer", "error": None, "runtime": "coreml",
+         "notes": {"latency": "Core ML runs only on Apple devices", "instructions_aarch64": "Core ML runs only on "
+                   "Apple devices"}, "metrics": {"pairs": 8, "mIoU": 12.0, "oIoU": 10.0, "size_bytes": 30e6}},
+        {"name": "onnxruntime-static-qdq", "what": "peer", "error": None, "runtime": "onnxruntime",
+         "notes": {"instructions_aarch64": "no aarch64 ONNX Runtime here"},
+         "metrics": {"pairs": 8, "mIoU": 90.0, "oIoU": 90.0, "size_bytes": 28e6, "latency_ms_1t": 15.0,
+                     "latency_ms_2t": 9.0, "instructions_x86_error": "RuntimeError: valgrind died"}},
+    ]  # fmt: skip
+    table = format_table(_report(rows))
+    core_ml = next(line for line in table.splitlines() if line.startswith("| coremltools-w8a8"))
+    assert "12.00 / 10.00" in core_ml and "30.00" in core_ml
+    assert "coremltools-w8a8: latency, instructions aarch64 not measured: Core ML runs only on Apple devices" in table
+    assert "onnxruntime-static-qdq: instructions aarch64 not measured: no aarch64 ONNX Runtime here" in table
+    assert "onnxruntime-static-qdq: instructions x86 not measured: RuntimeError: valgrind died" in table
+
+
 def test_docs_section_is_replaced_and_the_rest_kept(tmp_path):
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nmine\n\n## Later\n\nkept\n")
