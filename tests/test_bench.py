@@ -80,15 +80,17 @@ def test_docs_section_is_replaced_and_the_rest_kept(tmp_path):
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """One small bench through the real CLI: ours at W8A8, the float program and the two stock flows that need no
-    calibration, on a small ShapesRef; instruction counts are left to their own tests (--arch with no value)."""
+    """One small bench through the real CLI: ours at W8A8, the float program, the two stock ExecuTorch flows that need
+    no calibration and ONNX Runtime's static QDQ (ops with weights), on a small ShapesRef; instruction counts are left
+    to their own tests (--arch with no value)."""
     from quantize.data.shapesref import write_shapesref
 
     folder = tmp_path_factory.mktemp("bench")
     write_shapesref(folder / "refer", seed=0, split_scenes={"train": 16, "val": 4})
     out = folder / "out"
     cmd = [sys.executable, "-m", "ptq4ris", "bench", "--out", str(out), "--refer-root", str(folder / "refer"), "--bits",
-           "w8a8", "--peers", "xnnpack-dynamic-int8", "torchao-8da4w", "--pairs", "4", "--calib-size", "4", "--runs",
+           "w8a8", "--peers", "xnnpack-dynamic-int8", "torchao-8da4w", "onnxruntime-static-qdq-weighted", "--pairs",
+           "4", "--calib-size", "4", "--runs",
            "3", "--threads", "1", "--arch", "--no-progress", "--json"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
@@ -111,8 +113,14 @@ def test_bench_measures_every_row_in_one_run(bench):
         row = rows[flow]
         # Each stock flow either runs (and is measured like ours) or says how it failed.
         assert row["error"] or ("mIoU" in row["metrics"] and "latency_ms_1t" in row["metrics"]), row
+    ort = rows["onnxruntime-static-qdq-weighted"]
+    assert ort["error"] is None and ort["runtime"] == "onnxruntime", ort
+    assert ort["metrics"]["pairs"] == 4 and ort["metrics"]["latency_ms_1t"] > 0  # timed in the same rounds
+    assert ort["metrics"]["size_bytes"] == Path(ort["path"]).stat().st_size and ort["path"].endswith(".onnx")
+    assert "instructions_aarch64" in ort["notes"]
     table = (out / "bench.md").read_text()
     assert all(f"\n| {name} |" in table for name in rows)
+    assert "onnxruntime-static-qdq-weighted: instructions aarch64 not measured" in table
     # Where the host time goes: ours runs int8 GEMMs, float none.
     assert "int8 GEMM / conv" in rows["ours-w8a8"]["metrics"]["op_groups"]
     assert "int8 GEMM / conv" not in rows["float"]["metrics"]["op_groups"]
@@ -122,14 +130,15 @@ def test_bench_measures_every_row_in_one_run(bench):
 
 def test_bench_reuses_what_it_built(bench):
     out, _, _ = bench
-    programs = {p: p.stat().st_mtime_ns for p in (out / "pte").iterdir()}
+    built = [*(out / "pte").iterdir(), *(out / "onnxruntime").iterdir()]
+    programs = {p: p.stat().st_mtime_ns for p in built}
     cmd = [sys.executable, "-m", "ptq4ris", "bench", "--out", str(out), "--refer-root", str(out.parent / "refer"),
-           "--bits", "w8a8", "--peers", "xnnpack-dynamic-int8", "torchao-8da4w", "--pairs", "2", "--runs", "1",
-           "--threads", "1", "--arch", "--no-progress"]  # fmt: skip
+           "--bits", "w8a8", "--peers", "xnnpack-dynamic-int8", "torchao-8da4w", "onnxruntime-static-qdq-weighted",
+           "--pairs", "2", "--runs", "1", "--threads", "1", "--arch", "--no-progress"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "calibrating" not in done.stdout and "exporting" not in done.stdout and "lowering" not in done.stdout
-    assert {p: p.stat().st_mtime_ns for p in (out / "pte").iterdir()} == programs
+    assert "calibrating" not in done.stdout and "exporting" not in done.stdout and "building" not in done.stdout
+    assert {p: p.stat().st_mtime_ns for p in built} == programs
 
 
 def test_bench_refuses_a_folder_it_did_not_write(tmp_path):
