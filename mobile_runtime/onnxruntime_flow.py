@@ -201,6 +201,9 @@ def _session_options(threads: int | None):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # errors only: no per-session warnings in the bench's output
+    # ORT's workers spin on their cores after each run by default, which takes the cores from whatever runs next in the
+    # same process (the bench's interleaved rounds time ExecuTorch programs between ORT runs): they sleep instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
