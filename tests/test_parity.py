@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from quantize.deploy.parity_stats import ParityAccumulator, format_parity
@@ -38,3 +40,25 @@ def test_disagreement_and_lsb_are_measured():
     assert s["worst_pairs"][0] == {"pair": "pair", "mask_iou_vs_simulated": 0.75}
     text = format_parity({"sets": {"shapesref val": s}, "pte": "m.pte", "quantized": "q"})
     assert "93.750" in text and "worst shapesref val: pair (0.750)" in text
+
+
+def test_confident_agreement_leaves_out_pixels_near_the_boundary_and_sqnr_measures_the_noise():
+    acc = ParityAccumulator()
+    target = torch.zeros(8, 8, dtype=torch.long)
+    target[2:6, 2:6] = 1
+    sim = _logits(target)  # margin 4 everywhere; the logits span 4, one LSB is 4/255
+    sim[:, 0, :] = sim[:, 0, :] * 0.01  # row 0: margin 0.04, under 4 LSB (0.063)
+    dep = sim.clone()
+    dep[:, 0, :] = -dep[:, 0, :]  # the uncertain row flips: 8 pixels
+    acc.update("pair", sim, dep)
+    s = acc.summary()
+    assert s["mask_agreement"] == 100 * 56 / 64
+    assert s["confident_pixels"] == 100 * 56 / 64 and s["confident_agreement"] == 100
+    noise = float((sim - dep).square().sum())
+    assert abs(s["logit_sqnr_db"] - 10 * math.log10(float(sim.square().sum()) / noise)) < 1e-4
+    dep[1, 3, 3], dep[0, 3, 3] = -5.0, 5.0  # a confident pixel flips: it counts now
+    acc2 = ParityAccumulator()
+    acc2.update("pair", sim, dep)
+    assert acc2.summary()["confident_agreement"] == 100 * 55 / 56
+    text = format_parity({"sets": {"natural photographs": acc2.summary()}, "pte": "m.pte", "quantized": "q"})
+    assert "on the 87.5% of pixels whose simulated margin exceeds 4 LSB" in text and "SQNR" in text
