@@ -239,7 +239,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         shuffled_expressions=args.shuffled_expressions,
         limit=args.limit,
         progress=not args.json,
+        shard=args.shard,
     )
+    if not args.shard.is_main:
+        return 0  # rank 0 reports the gathered figures
     results.update(model=label, dataset=args.dataset, split_by=args.split_by, split=args.split)
     if args.json:
         print(json.dumps(results))
@@ -637,10 +640,13 @@ def _run_parity(args: argparse.Namespace) -> int:
         label = "arm"
     else:
         report = run_parity(
-            model, args.pte, dataset, limit=args.limit, photos=not args.no_photos, progress=not args.json
-        )
+            model, args.pte, dataset, limit=args.limit, photos=not args.no_photos, progress=not args.json,
+            shard=args.shard,
+        )  # fmt: skip
         report.update(pte=args.pte)
         label = "pte"
+        if not args.shard.is_main:
+            return 0  # rank 0 reports the gathered figures
     report.update(quantized=args.quantized, recipe=f"{recipe.method} {recipe.bits}")
     text = json.dumps(report, indent=2, default=str)
     if args.out:
@@ -965,6 +971,22 @@ def _check_text(argv: list[str]) -> None:
                 raise UserError("--text is not valid UTF-8: pass the sentence in UTF-8 (check the terminal's locale)")
 
 
+# Commands that split their pairs over the processes torchrun launches (:mod:`quantize.distributed`).
+_SHARDED_COMMANDS = ("evaluate", "parity")
+
+
+def _check_shardable(args: argparse.Namespace) -> None:
+    """Under torchrun, before joining the process group: the command splits its work, or it is refused."""
+    if args.command not in _SHARDED_COMMANDS:
+        raise UserError(
+            f"`ptq4ris {args.command}` runs in one process: launch it without torchrun (torchrun shards "
+            f"{' and '.join(_SHARDED_COMMANDS)})"
+        )
+    if args.command == "parity" and (args.coreml or args.arm):
+        raise UserError(f"{'--coreml' if args.coreml else '--arm'} parity runs in one process: launch it without "
+                        "torchrun (torchrun shards the .pte parity)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
@@ -973,7 +995,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     def command() -> int:
         _check_text(argv)
-        return args.func(args)
+        from quantize.distributed import launched, process_group
+
+        shard = launched()
+        if shard.world > 1:
+            _check_shardable(args)
+        with process_group(shard):
+            args.shard = shard
+            return args.func(args)
 
     if args.verbose:
         return run_guarded(command, debug)

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .devices import resolve_device
-from .metrics import RisMetrics
+from .distributed import Shard
+from .metrics import RisMetrics, intersection_union
 from .progress import progress_bar
 
 __all__ = ["evaluate", "format_table"]
@@ -41,6 +42,7 @@ def evaluate(
     shuffled_expressions: bool = False,
     limit: int | None = None,
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
     """mIoU / oIoU / Prec@X (and per-kind mIoU where the data records kinds) of ``model`` on ``dataset``.
 
@@ -48,26 +50,37 @@ def evaluate(
         dataset: a :class:`~quantize.data.refer.ReferDataset`.
         shuffled_expressions: pair every image with another sample's expression (language-reliance control).
         limit: evaluate the first ``limit`` pairs only.
+        shard: this process's share under torchrun (:mod:`.distributed`); every rank returns the whole split's
+            figures, equal to one process's.
     """
+    shard = shard or Shard()
     # Two statements: an exported PT2E module's eval() returns None instead of the module.
-    device = resolve_device(device)
+    device = shard.device(resolve_device(device))
     model.eval()
     model.to(device)
     data = _ShuffledExpressions(dataset) if shuffled_expressions else dataset
-    if limit is not None:
-        data = torch.utils.data.Subset(data, range(min(limit, len(data))))
+    n = len(data) if limit is None else min(limit, len(data))
+    data = torch.utils.data.Subset(data, shard.batch_indices(n, batch_size))
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
-    metrics = RisMetrics()
+    pairs: list[tuple[int, int, int, str]] = []  # (index, I, U, kind) per pair
     start = time.perf_counter()
-    with progress_bar(progress, total=len(data), desc="evaluate", unit="pair") as bar:
+    with progress_bar(progress and shard.is_main, total=len(data), desc="evaluate", unit="pair") as bar:
         for batch in loader:
             logits = model(batch["image"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            kinds = [dataset.samples[i].kind for i in batch["index"].tolist()]
-            metrics.update(logits.argmax(1).cpu(), batch["target"], kinds)
-            bar.update(len(kinds))
+            inter, union = intersection_union(logits.argmax(1).cpu(), batch["target"])
+            for index, i, u in zip(batch["index"].tolist(), inter.tolist(), union.tolist()):
+                pairs.append((index, i, u, dataset.samples[index].kind))
+            bar.update(len(inter))
+    metrics = RisMetrics()
+    for _, i, u, kind in sorted(p for part in shard.gather(pairs) for p in part):
+        metrics.intersections.append(i)
+        metrics.unions.append(u)
+        metrics.kinds.append(kind or "")
     elapsed = time.perf_counter() - start
     out = metrics.summary()
     out["seconds"] = elapsed
+    if shard.world > 1:
+        out["processes"] = shard.world
     out["pairs_per_second"] = out["pairs"] / elapsed if elapsed > 0 else float("inf")
     return out
 

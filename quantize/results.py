@@ -5,6 +5,7 @@
 Each cell (method × bits) calibrates lavt-tiny on the first expression of the first 32 train refs, evaluates the
 simulated model on every val pair, and is cached as JSON under ``--cache`` so that an interrupted run resumes and
 the table can be filled over several runs (or machines). The Markdown table is rewritten from the cache every time.
+``torchrun --nproc-per-node N -m quantize.results ...`` spreads the cells over N processes (cell i on rank i mod N).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .atomic import write_atomic
 from .calibration.recipe import BIT_SETTINGS, METHODS, make_recipe
+from .distributed import Shard, launched, process_group
 
 __all__ = ["ROWS", "main", "render"]
 
@@ -172,39 +174,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render-only", action="store_true", help="rewrite the table from the cache, run nothing")
     args = p.parse_args(argv)
     cache = Path(args.cache)
-    if not args.render_only:
-        from .calibration.calibrate import calibration_batch
-        from .data import open_split
-        from .evaluate import evaluate
-        from .models.registry import build_model
+    shard = launched()
+    with process_group(shard):
+        if not args.render_only:
+            _run_cells(args, cache, shard)
+        if shard.is_main:
+            _write_table(Path(args.out), render(cache))
+            print(f"table written to {args.out}")
+    return 0
 
+
+def _cells(args) -> list[tuple[str, str, dict, str]]:
+    """(row key, method, overrides, bits) of every cell the arguments ask for, in table order."""
+    cells = [("fp", "fp", {}, "fp")] if not args.only or "fp" in args.only else []
+    for key, method, overrides, _ in ROWS:
+        if args.only and key not in args.only:
+            continue
+        if method not in METHODS and method != "stock-xnnpack":
+            continue
+        cells.extend((key, method, overrides, bits) for bits in args.bits if bits in ROW_BITS.get(key, BIT_SETTINGS))
+    return cells
+
+
+def _run_cells(args, cache: Path, shard: Shard) -> None:
+    """Compute the cells missing from the cache; under torchrun cell i runs on rank i mod N (each writes its own
+    cell files; rank 0 renders the table once all are in)."""
+    from .calibration.calibrate import calibration_batch
+    from .data import open_split
+    from .evaluate import evaluate
+    from .models.registry import build_model
+
+    todo = [c for c in _cells(args) if not (cache / f"{c[0]}-{c[3]}.json").is_file()]
+    mine = shard.items(todo)
+    if mine:
         model = build_model("lavt-tiny")
         val = open_split(args.refer_root, "shapesref", "unc", "val", model.config)
         train = open_split(args.refer_root, "shapesref", "unc", "train", model.config)
         calib = calibration_batch(train, 32)
-        fp_file = cache / "fp-fp.json"
-        if not fp_file.is_file() and (not args.only or "fp" in args.only):
+    for _, (key, method, overrides, bits) in mine:
+        if key == "fp":
             r = evaluate(model, val, device=args.device, limit=args.limit)
             cell = {"row": "fp", "bits": "fp", "mIoU": r["mIoU"], "oIoU": r["oIoU"], "pairs": r["pairs"]}
-            write_atomic(fp_file, json.dumps(cell))
-        for key, method, overrides, _ in ROWS:
-            if args.only and key not in args.only:
-                continue
-            if method not in METHODS and method != "stock-xnnpack":
-                continue
-            for bits in args.bits:
-                if bits not in ROW_BITS.get(key, BIT_SETTINGS):
-                    continue
-                f = cache / f"{key}-{bits}.json"
-                if f.is_file():
-                    continue
-                cell = _evaluate_cell(key, method, overrides, bits, args, model, val, calib)
-                write_atomic(f, json.dumps(cell))
-                print(f"{key} {bits}: mIoU {cell['mIoU']:.2f} oIoU {cell['oIoU']:.2f}", flush=True)
-                _write_table(Path(args.out), render(cache))
-    _write_table(Path(args.out), render(cache))
-    print(f"table written to {args.out}")
-    return 0
+        else:
+            cell = _evaluate_cell(key, method, overrides, bits, args, model, val, calib)
+        write_atomic(cache / f"{key}-{bits}.json", json.dumps(cell))
+        print(f"{key} {bits}: mIoU {cell['mIoU']:.2f} oIoU {cell['oIoU']:.2f}", flush=True)
+        if shard.world == 1:
+            _write_table(Path(args.out), render(cache))
+    shard.gather(None)  # every rank's cells are written before rank 0 renders
 
 
 if __name__ == "__main__":

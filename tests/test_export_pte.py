@@ -25,6 +25,7 @@ from quantize.data import open_split
 from quantize.data.shapesref import write_shapesref
 from quantize.models.lavt import LAVT
 from quantize.models.registry import build_model
+from tests.torchrun import torchrun_json, without_wall_clock
 
 
 def small_model() -> LAVT:
@@ -121,6 +122,20 @@ def test_parity_of_the_deployed_program(exported, refer_root, capsys):
     # The small model's masks are a few hundred pixels: on 12 pairs a handful of boundary pixels move its mIoU by
     # points, so the agreement above is the parity measure and this only catches a collapse.
     assert abs(val["deployed"]["mIoU"] - val["simulated"]["mIoU"]) < 5
+
+
+def test_parity_sharded_by_torchrun_equals_one_process(exported, refer_root, capsys):
+    """`torchrun --nproc-per-node 2 -m ptq4ris parity`: each rank runs its own runtime on its batches and photographs,
+    rank 0 reports; every figure (agreement, SQNR, mIoU of both sides, worst pairs) equals one process's."""
+    artifact, out = exported
+    pairs = len(open_split(refer_root, "shapesref", "unc", "val", small_model().config))
+    assert pairs > 16  # parity's batches are 16 pairs: both ranks get some
+    argv = ["parity", "--pte", str(out), "--quantized", str(artifact), "--refer-root", str(refer_root), "--json"]
+    assert main(argv) == 0
+    single = json.loads(capsys.readouterr().out)
+    sharded = torchrun_json(*argv)
+    assert single["sets"]["shapesref val"]["pairs"] == pairs
+    assert without_wall_clock(sharded) == without_wall_clock(single)
 
 
 def test_w4a4_uses_4bit_weight_kernels_and_keeps_parity(refer_root, tmp_path, capsys):

@@ -22,16 +22,19 @@ from typing import Any
 
 import torch
 
+from quantize.distributed import Shard
 from quantize.metrics import RisMetrics, intersection_union
 from quantize.progress import progress_bar
 
 __all__ = [
     "MARGIN_LSB",
     "NATURAL_PHOTOS",
+    "PairParity",
     "ParityAccumulator",
     "format_parity",
     "lsb",
     "natural_photo_pairs",
+    "pair_parity",
     "parity_on_dataset",
     "parity_on_pairs",
     "parity_report",
@@ -59,6 +62,57 @@ def lsb(reference: torch.Tensor) -> float:
     return max(float(reference.max() - reference.min()), 1e-12) / 255
 
 
+@dataclass(frozen=True)
+class PairParity:
+    """One pair's parity figures: what :class:`ParityAccumulator` sums, small enough to gather across processes."""
+
+    key: Any
+    pixels: int
+    agree: int
+    max_abs: float
+    max_lsb: float
+    confident: int
+    confident_agree: int
+    signal: float  # Σ sim², for the logit SQNR
+    noise: float  # Σ (sim − dep)²
+    iou_between: float  # IoU of the deployed mask against the simulated one (1 when they agree)
+    truth: tuple[str, int, int, int, int] | None = None  # (kind, I, U of simulated, I, U of deployed) vs ground truth
+
+
+def pair_parity(
+    key: Any, sim: torch.Tensor, dep: torch.Tensor, target: torch.Tensor | None = None, kind: str | None = None
+) -> PairParity:
+    """``sim``/``dep``: (2, H, W) logits of one pair; ``target``: (H, W) ground truth or None."""
+    sim_mask, dep_mask = sim.argmax(0), dep.argmax(0)
+    diff = float((sim - dep).abs().max())
+    step = lsb(sim)
+    confident = (sim[1] - sim[0]).abs() > MARGIN_LSB * step
+    inter, union = intersection_union(dep_mask[None], sim_mask[None])
+    truth = None
+    if target is not None:
+        (si, su), (di, du) = (
+            (int(i[0]), int(u[0])) for i, u in (intersection_union(m[None], target[None]) for m in (sim_mask, dep_mask))
+        )
+        truth = (kind or "", si, su, di, du)
+    return PairParity(
+        key=key,
+        pixels=sim_mask.numel(),
+        agree=int((sim_mask == dep_mask).sum()),
+        max_abs=diff,
+        max_lsb=diff / step,
+        confident=int(confident.sum()),
+        confident_agree=int(((sim_mask == dep_mask) & confident).sum()),
+        signal=float(sim.double().square().sum()),
+        noise=float((sim.double() - dep.double()).square().sum()),
+        iou_between=float(inter[0]) / float(union[0]) if float(union[0]) > 0 else 1.0,
+        truth=truth,
+    )
+
+
+def _iou(i: int, u: int) -> float:
+    return i / u if u > 0 else 0.0
+
+
 @dataclass
 class ParityAccumulator:
     """Running parity statistics over pairs (logits of both models, optional ground truth)."""
@@ -72,8 +126,8 @@ class ParityAccumulator:
     max_iou_delta: float = 0.0
     confident: int = 0
     confident_agree: int = 0
-    signal: float = 0.0  # Σ sim², for the logit SQNR
-    noise: float = 0.0  # Σ (sim − dep)²
+    signal: float = 0.0
+    noise: float = 0.0
     worst: list = field(default_factory=list)
     sim_metrics: RisMetrics = field(default_factory=RisMetrics)
     dep_metrics: RisMetrics = field(default_factory=RisMetrics)
@@ -87,28 +141,28 @@ class ParityAccumulator:
         kind: str | None = None,
     ) -> None:
         """``sim``/``dep``: (2, H, W) logits of one pair; ``target``: (H, W) ground truth or None."""
-        sim_mask, dep_mask = sim.argmax(0), dep.argmax(0)
-        self.pixels += sim_mask.numel()
-        self.agree += int((sim_mask == dep_mask).sum())
+        self.add(pair_parity(key, sim, dep, target, kind))
+
+    def add(self, r: PairParity) -> None:
+        """Fold one pair in (in the order pairs are meant to be summed: the report's floats depend on it)."""
+        self.pixels += r.pixels
+        self.agree += r.agree
         self.pairs += 1
-        diff = float((sim - dep).abs().max())
-        self.max_abs = max(self.max_abs, diff)
-        step = lsb(sim)
-        self.max_lsb = max(self.max_lsb, diff / step)
-        confident = (sim[1] - sim[0]).abs() > MARGIN_LSB * step
-        self.confident += int(confident.sum())
-        self.confident_agree += int(((sim_mask == dep_mask) & confident).sum())
-        self.signal += float(sim.double().square().sum())
-        self.noise += float((sim.double() - dep.double()).square().sum())
-        # IoU of the deployed mask against the simulated one: 1 when the two agree.
-        inter, union = intersection_union(dep_mask[None], sim_mask[None])
-        iou_between = float(inter[0]) / float(union[0]) if float(union[0]) > 0 else 1.0
-        self.worst.append((iou_between, key))
-        if target is not None:
-            iou_s = float(self.sim_metrics.update(sim_mask[None], target[None], [kind or ""])[0])
-            iou_d = float(self.dep_metrics.update(dep_mask[None], target[None], [kind or ""])[0])
-            self.sum_iou_delta += iou_d - iou_s
-            self.max_iou_delta = max(self.max_iou_delta, abs(iou_d - iou_s))
+        self.max_abs = max(self.max_abs, r.max_abs)
+        self.max_lsb = max(self.max_lsb, r.max_lsb)
+        self.confident += r.confident
+        self.confident_agree += r.confident_agree
+        self.signal += r.signal
+        self.noise += r.noise
+        self.worst.append((r.iou_between, r.key))
+        if r.truth is not None:
+            kind, si, su, di, du = r.truth
+            for metrics, i, u in ((self.sim_metrics, si, su), (self.dep_metrics, di, du)):
+                metrics.intersections.append(i)
+                metrics.unions.append(u)
+                metrics.kinds.append(kind)
+            self.sum_iou_delta += _iou(di, du) - _iou(si, su)
+            self.max_iou_delta = max(self.max_iou_delta, abs(_iou(di, du) - _iou(si, su)))
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -143,16 +197,20 @@ def parity_on_dataset(
     limit: int | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
     """Parity over the pairs of a :class:`~quantize.data.refer.ReferDataset` (``deployed`` runs one pair at a
-    time: ``.pte`` programs have a fixed batch of 1)."""
+    time: ``.pte`` programs have a fixed batch of 1). Under torchrun (``shard``) each rank runs its batches and every
+    rank returns the whole split's report, equal to one process's."""
     from torch.utils.data import DataLoader, Subset
 
-    data = dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
-    acc = ParityAccumulator()
+    shard = shard or Shard()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    data = Subset(dataset, shard.batch_indices(n, batch_size))
+    records: list[PairParity] = []
     start = time.perf_counter()
     simulated.eval()
-    with progress_bar(progress, total=len(data), desc="parity", unit="pair") as bar:
+    with progress_bar(progress and shard.is_main, total=len(data), desc="parity", unit="pair") as bar:
         for batch in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0):
             sim = simulated(batch["image"], batch["input_ids"], batch["attention_mask"])
             for j, index in enumerate(batch["index"].tolist()):
@@ -160,8 +218,11 @@ def parity_on_dataset(
                     batch["image"][j : j + 1], batch["input_ids"][j : j + 1], batch["attention_mask"][j : j + 1]
                 )
                 sample = dataset.samples[index]
-                acc.update(index, sim[j], dep[0], batch["target"][j], sample.kind)
+                records.append(pair_parity(index, sim[j], dep[0], batch["target"][j], sample.kind))
             bar.update(len(batch["index"]))
+    acc = ParityAccumulator()
+    for record in sorted((r for part in shard.gather(records) for r in part), key=lambda r: r.key):
+        acc.add(record)
     out = acc.summary()
     out["seconds"] = time.perf_counter() - start
     return out
@@ -186,12 +247,18 @@ def natural_photo_pairs(tokenizer, size: int) -> Iterable[tuple[str, torch.Tenso
 
 
 @torch.no_grad()
-def parity_on_pairs(simulated: torch.nn.Module, deployed: Callable, pairs) -> dict[str, Any]:
-    """Parity over (key, image, input_ids, attention_mask) pairs without ground truth."""
-    acc = ParityAccumulator()
+def parity_on_pairs(simulated: torch.nn.Module, deployed: Callable, pairs, shard: Shard | None = None) -> dict[str, Any]:
+    """Parity over (key, image, input_ids, attention_mask) pairs without ground truth (pair i runs on rank i mod N
+    under torchrun; every rank returns the report of all pairs)."""
+    shard = shard or Shard()
     simulated.eval()
-    for key, image, ids, mask in pairs:
-        acc.update(key, simulated(image, ids, mask)[0], deployed(image, ids, mask)[0])
+    records = [
+        (position, pair_parity(key, simulated(image, ids, mask)[0], deployed(image, ids, mask)[0]))
+        for position, (key, image, ids, mask) in shard.items(list(pairs))
+    ]
+    acc = ParityAccumulator()
+    for _, record in sorted((r for part in shard.gather(records) for r in part), key=lambda r: r[0]):
+        acc.add(record)
     return acc.summary()
 
 
@@ -203,15 +270,18 @@ def parity_report(
     limit: int | None = None,
     photos: bool = True,
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
     """Parity of any full-model ``deployed(image, ids, mask) -> logits`` against ``simulated`` on ``dataset`` and
-    (optionally) natural photographs resized to ``image_size``."""
+    (optionally) natural photographs resized to ``image_size``; ``shard`` splits both over torchrun's processes."""
     sets = {
-        f"{dataset.dataset} {dataset.split}": parity_on_dataset(simulated, deployed, dataset, limit, progress=progress)
+        f"{dataset.dataset} {dataset.split}": parity_on_dataset(
+            simulated, deployed, dataset, limit, progress=progress, shard=shard
+        )
     }
     if photos:
         pairs = natural_photo_pairs(dataset.tokenizer, image_size)
-        sets["natural photographs"] = parity_on_pairs(simulated, deployed, pairs)
+        sets["natural photographs"] = parity_on_pairs(simulated, deployed, pairs, shard=shard)
     return {"sets": sets}
 
 
