@@ -20,6 +20,7 @@ Python objects, which travel over gloo either way.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -77,10 +78,16 @@ class Shard:
 
 def launched() -> Shard:
     """The shard the environment describes: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, else one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return Shard()
-    return Shard(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return Shard()
+        shard = Shard(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as e:
+        raise UserError(f"WORLD_SIZE/RANK/LOCAL_RANK must be integers ({e}): launch with torchrun, or unset them") from e
+    if not 0 <= shard.rank < world:
+        raise UserError(f"RANK={shard.rank} is outside WORLD_SIZE={world}: launch with torchrun, or unset them")
+    return shard
 
 
 @contextlib.contextmanager
@@ -95,7 +102,9 @@ def process_group(shard: Shard) -> Iterator[Shard]:
     if started:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         try:
-            dist.init_process_group(backend=backend)
+            # Ranks wait for each other only at the end (the gather), and results-grid cells are uneven: a rank may
+            # finish its share long before the slowest one, far beyond the default 30-minute collective timeout.
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=24))
         except (ValueError, RuntimeError) as e:  # WORLD_SIZE set by hand, without torchrun's rendezvous variables
             raise UserError(
                 f"WORLD_SIZE={shard.world} but the process group cannot start ({str(e).splitlines()[0]}): launch "

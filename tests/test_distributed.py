@@ -64,7 +64,12 @@ def test_results_cells_spread_over_ranks_equal_one_process(refer_root, tmp_path)
     sharded_cells, sharded_table = run(tmp_path / "sharded", sharded)
     assert set(single_cells) == {"minmax-w8a8.json", "minmax-w4a8.json"}
     assert sharded_cells == single_cells
-    assert sharded_table == single_table
+    assert _without_last_column(sharded_table) == _without_last_column(single_table)
+
+
+def _without_last_column(table: str) -> list[str]:
+    """The results table without its last column (calibration seconds: wall clock)."""
+    return [line.rsplit("|", 2)[0] if line.startswith("|") else line for line in table.splitlines()]
 
 
 def test_commands_that_do_not_shard_refuse_torchrun(refer_root, tmp_path, capsys, monkeypatch):
