@@ -5,7 +5,8 @@ command; each reads its rank from the environment torchrun sets (``RANK``, ``WOR
 its shard, and rank 0 gathers and reports. Multi-node runs use torchrun's own rendezvous flags (``--nnodes``,
 ``--rdzv-backend c10d --rdzv-endpoint HOST:PORT``); nothing here depends on them.
 
-Equal to one process, exactly:
+Equal to one process at the same thread count per process, exactly (torchrun sets ``OMP_NUM_THREADS=1``; large
+GEMMs can round differently at another thread count):
 - A split is sharded by whole batches of the single-process loader (batch b goes to rank b mod N), not pair by pair as
   ``DistributedSampler`` does: every pair is then computed in the same batch as in one process, so its logits are the
   same bits, and no pair is duplicated to even out the shards (``DistributedSampler`` pads by repeating pairs, which
