@@ -70,6 +70,10 @@ class Shard:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_ordered(self, records: list[Any], key=None) -> list[Any]:
+        """Every rank's ``records`` merged into one list sorted by ``key``: the order one process produces them in."""
+        return sorted((r for part in self.gather(records) for r in part), key=key)
+
     def device(self, device: torch.device) -> torch.device:
         """``device``, with a bare ``cuda`` pinned to this process's GPU (``cuda:LOCAL_RANK``)."""
         if device.type == "cuda" and device.index is None and self.world > 1:

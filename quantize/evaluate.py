@@ -72,10 +72,8 @@ def evaluate(
                 pairs.append((index, i, u, dataset.samples[index].kind))
             bar.update(len(inter))
     metrics = RisMetrics()
-    for _, i, u, kind in sorted(p for part in shard.gather(pairs) for p in part):
-        metrics.intersections.append(i)
-        metrics.unions.append(u)
-        metrics.kinds.append(kind or "")
+    for _, i, u, kind in shard.gather_ordered(pairs):
+        metrics.add(i, u, kind)
     elapsed = time.perf_counter() - start
     out = metrics.summary()
     out["seconds"] = elapsed

@@ -42,6 +42,13 @@ class RisMetrics:
         self.kinds.extend(kinds if kinds is not None else [""] * len(inter))
         return torch.where(union > 0, inter.double() / union.clamp(min=1).double(), torch.zeros_like(inter).double())
 
+    def add(self, intersection: int, union: int, kind: str = "") -> float:
+        """Add one pair's I and U (e.g. gathered from other processes); returns its IoU, as :meth:`update` does."""
+        self.intersections.append(intersection)
+        self.unions.append(union)
+        self.kinds.append(kind or "")
+        return intersection / union if union > 0 else 0.0
+
     @property
     def ious(self) -> np.ndarray:
         i, u = np.asarray(self.intersections, float), np.asarray(self.unions, float)

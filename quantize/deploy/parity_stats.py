@@ -109,10 +109,6 @@ def pair_parity(
     )
 
 
-def _iou(i: int, u: int) -> float:
-    return i / u if u > 0 else 0.0
-
-
 @dataclass
 class ParityAccumulator:
     """Running parity statistics over pairs (logits of both models, optional ground truth)."""
@@ -157,12 +153,9 @@ class ParityAccumulator:
         self.worst.append((r.iou_between, r.key))
         if r.truth is not None:
             kind, si, su, di, du = r.truth
-            for metrics, i, u in ((self.sim_metrics, si, su), (self.dep_metrics, di, du)):
-                metrics.intersections.append(i)
-                metrics.unions.append(u)
-                metrics.kinds.append(kind)
-            self.sum_iou_delta += _iou(di, du) - _iou(si, su)
-            self.max_iou_delta = max(self.max_iou_delta, abs(_iou(di, du) - _iou(si, su)))
+            iou_s, iou_d = self.sim_metrics.add(si, su, kind), self.dep_metrics.add(di, du, kind)
+            self.sum_iou_delta += iou_d - iou_s
+            self.max_iou_delta = max(self.max_iou_delta, abs(iou_d - iou_s))
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -221,7 +214,7 @@ def parity_on_dataset(
                 records.append(pair_parity(index, sim[j], dep[0], batch["target"][j], sample.kind))
             bar.update(len(batch["index"]))
     acc = ParityAccumulator()
-    for record in sorted((r for part in shard.gather(records) for r in part), key=lambda r: r.key):
+    for record in shard.gather_ordered(records, key=lambda r: r.key):
         acc.add(record)
     out = acc.summary()
     out["seconds"] = time.perf_counter() - start
@@ -257,7 +250,7 @@ def parity_on_pairs(simulated: torch.nn.Module, deployed: Callable, pairs, shard
         for position, (key, image, ids, mask) in shard.items(list(pairs))
     ]
     acc = ParityAccumulator()
-    for _, record in sorted((r for part in shard.gather(records) for r in part), key=lambda r: r[0]):
+    for _, record in shard.gather_ordered(records, key=lambda r: r[0]):
         acc.add(record)
     return acc.summary()
 
