@@ -195,8 +195,10 @@ def test_instruction_count_repeats(built, calib):
     # About a minute per count: Python and ONNX Runtime start under valgrind twice.
     first = count_ort_instructions_x86(built[1], calib[0])
     again = count_ort_instructions_x86(built[1], calib[0])
-    # Exact in our runs on this model; lavt-tiny moves by up to ~3e-5 (ORT's own thread can shift the heap).
-    assert abs(first - again) <= 1e-3 * first, (first, again)
+    # ORT's own thread can shift the heap, which moves the Python-side call by a few thousand instructions whatever
+    # the model (once 1,827 of this tiny model's 1.8e6; lavt-tiny moves by ~3e-5 of 3e8): an absolute floor, so the
+    # test still fails on a count that depends on threads or timing (those move it by far more).
+    assert abs(first - again) <= max(1e-3 * first, 20_000), (first, again)
     assert 10_000 < first < 100_000_000
 
 
