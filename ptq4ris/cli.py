@@ -312,6 +312,19 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "without its search, e.g. to time an export) (default: hessian)",
     )
     p.add_argument(
+        "--weights",
+        choices=["nearest", "gptq", "auto"],
+        default=None,
+        help="weight rounding onto the searched grids: nearest level, or GPTQ (error spread through the inverse "
+        "Hessian of the layer's quantized inputs; the exported integers are the simulated ones); auto: GPTQ below "
+        "8-bit weights (default: the method's: auto for ptq4ris-deploy, nearest for the others)",
+    )
+    p.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="after rounding, add each layer's mean output error on the calibration pairs to its bias",
+    )
+    p.add_argument(
         "--gelu-pow2",
         action="store_true",
         help="DRQ post-GELU: restrict the positive step to 2^k times the negative one (PTQ4ViT's requirement)",
@@ -370,6 +383,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         overrides["pwam_groups"] = args.pwam_groups
     if args.text_tiers is not None:
         overrides["text_tiers"] = args.text_tiers
+    if args.weights:
+        overrides["weights"] = args.weights
+    if args.bias_correction:
+        overrides["bias_correction"] = True
     check_artifact_output(args.out)
     recipe = make_recipe(args.method, args.bits, **overrides)
     if args.objective and recipe.search != "none":

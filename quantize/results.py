@@ -29,7 +29,24 @@ ROWS: list[tuple[str, str, dict, str]] = [
     ("percentile", "percentile", {}, "percentile 99.99, per-channel weights"),
     ("ptq4vit", "ptq4vit", {}, "PTQ4ViT (twin-uniform, Hessian search)"),
     ("ptq4ris", "ptq4ris", {}, "PTQ4RIS, element-wise RORQ tiers"),
-    ("ptq4ris-deploy", "ptq4ris-deploy", {}, "PTQ4RIS, deployable RORQ (channel groups, tier slices below A8)"),
+    (
+        "ptq4ris-deploy",
+        "ptq4ris-deploy",
+        {},
+        "PTQ4RIS, deployable RORQ (channel groups, tier slices below A8), GPTQ weights below W8",
+    ),
+    (
+        "ptq4ris-deploy-nearest",
+        "ptq4ris-deploy",
+        {"weights": "nearest"},
+        "PTQ4RIS deployable, weights rounded to nearest",
+    ),
+    (
+        "ptq4ris-deploy-bias-correction",
+        "ptq4ris-deploy",
+        {"bias_correction": True},
+        "PTQ4RIS deployable (GPTQ below W8) + bias correction",
+    ),
     ("drq-only", "drq-only", {}, "DRQ only (no RORQ)"),
     ("rorq-only", "rorq-only", {}, "RORQ only (no DRQ)"),
     ("ptq4ris-pwam-plain", "ptq4ris", {"pwam": "plain"}, "PTQ4RIS, PWAM without channel groups"),
@@ -37,14 +54,14 @@ ROWS: list[tuple[str, str, dict, str]] = [
     (
         "ptq4ris-deploy-drq-a4",
         "ptq4ris-deploy",
-        {"drq_min_bits": 3},
-        "PTQ4RIS groups and tier slices with DRQ kept at A4",
+        {"drq_min_bits": 3, "weights": "nearest"},
+        "PTQ4RIS groups and tier slices with DRQ kept at A4 (nearest weights)",
     ),
     (
         "ptq4ris-deploy-96-groups",
         "ptq4ris-deploy",
-        {"text_groups": 96, "text_tiers": 1, "drq_min_bits": 3},
-        "PTQ4RIS deployable, 96 text groups without tier slices (DRQ at A4)",
+        {"text_groups": 96, "text_tiers": 1, "drq_min_bits": 3, "weights": "nearest"},
+        "PTQ4RIS deployable, 96 text groups without tier slices (DRQ at A4, nearest weights)",
     ),
 ]
 
@@ -53,6 +70,9 @@ ROW_BITS: dict[str, tuple[str, ...]] = {
     "ptq4ris-drq-a4": ("w4a4",),
     "ptq4ris-deploy-drq-a4": ("w4a4",),
     "ptq4ris-deploy-96-groups": ("w4a4",),
+    # GPTQ applies below 8-bit weights only: at W8A8 both rows would repeat the preset.
+    "ptq4ris-deploy-nearest": ("w6a6", "w4a8", "w4a4"),
+    "ptq4ris-deploy-bias-correction": ("w4a8", "w4a4"),
 }
 
 # The paper's LAVT numbers on RefCOCO val (mIoU / oIoU), from its README.

@@ -48,11 +48,15 @@ from .recipe import Recipe
 from .search import (
     LinearCapture,
     MatMulCapture,
+    _drop_dead_rows,
+    _fq_rows,
+    _fq_weight_rows,
     _weight_delta0,
     init_activation,
     search_linear,
     search_matmul,
 )
+from .weight_rounding import bias_correction, gptq_round
 
 __all__ = ["CalibrationBatch", "CalibrationReport", "calibrate", "calibration_batch", "default_everyday"]
 
@@ -416,19 +420,42 @@ def _search_block(block, recorder: _Recorder, ranges, recipe: Recipe) -> None:
             site_recipe = dataclasses.replace(recipe, search="mse")
         with torch.no_grad():
             if isinstance(site, QuantMatMul):
-                cap = MatMulCapture(data["a"], data["b"], grad, *ranges[name + ":a"], *ranges[name + ":b"])
-                search_matmul(cap, site.a_quantizer, site.b_quantizer, site_recipe)
+                if recipe.search != "none":
+                    cap = MatMulCapture(data["a"], data["b"], grad, *ranges[name + ":a"], *ranges[name + ":b"])
+                    search_matmul(cap, site.a_quantizer, site.b_quantizer, site_recipe)
             else:
                 x = data["x"]
-                if isinstance(site.input_quantizer, TierQuantizer):
-                    init_activation(site.input_quantizer, x, *ranges[name], recipe, axis=-1)
-                elif isinstance(site.input_quantizer, GroupQuantizer):
-                    extremes = torch.stack(recorder.channel_ranges[name])
-                    init_activation(site.input_quantizer, extremes, *ranges[name], recipe, axis=-1, sample=x)
                 w = site.weight.reshape(site.weight.shape[0], -1)
                 cap = LinearCapture(x, grad, w, site.bias, *ranges[name])
-                search_linear(cap, site.input_quantizer, site.weight_quantizer, site_recipe, _weight_blocks(site))
+                if recipe.search != "none":
+                    if isinstance(site.input_quantizer, TierQuantizer):
+                        init_activation(site.input_quantizer, x, *ranges[name], recipe, axis=-1)
+                    elif isinstance(site.input_quantizer, GroupQuantizer):
+                        extremes = torch.stack(recorder.channel_ranges[name])
+                        init_activation(site.input_quantizer, extremes, *ranges[name], recipe, axis=-1, sample=x)
+                    search_linear(cap, site.input_quantizer, site.weight_quantizer, site_recipe, _weight_blocks(site))
+                _round_weights(site, _drop_dead_rows(cap).x, recipe)
         _set_enabled(site, True)
+
+
+def _round_weights(site: nn.Module, x: torch.Tensor, recipe: Recipe) -> None:
+    """GPTQ rounding and bias correction of one Linear/Conv on its grids, from its captured input rows ``x`` (rows
+    that reach no output were dropped): the weights become grid values, the bias absorbs the mean output error."""
+    if recipe.weight_rounding == "nearest" and not recipe.bias_correction:
+        return
+    xq = _fq_rows(site.input_quantizer, x)
+    w = site.weight.reshape(site.weight.shape[0], -1)
+    q = site.weight_quantizer
+    if recipe.weight_rounding == "gptq":
+        per_row = recipe.weight_granularity == "per_channel"
+        rounded, scale = gptq_round(w, q.scale.reshape(-1), q.qmin, q.qmax, xq, per_row=per_row)
+    else:
+        rounded, scale = _fq_weight_rows(q, w), None
+    if recipe.bias_correction and site.bias is not None:
+        site.bias.add_(bias_correction(w, rounded, x, xq))
+    if scale is not None:
+        site.weight.copy_(rounded.reshape(site.weight.shape))
+        q.set_qparams(scale)
 
 
 def calibrate(
@@ -469,7 +496,8 @@ def calibrate(
         _set_enabled(s, False)
         _init_weights(s, recipe)
     ranges = _init_activations(model, sites, recipe, batch, chunk_size, device)
-    if recipe.search == "none":
+    rounds_weights = recipe.weight_rounding != "nearest" or recipe.bias_correction
+    if recipe.search == "none" and not rounds_weights:
         for s in sites:
             _set_enabled(s, True)
     else:
