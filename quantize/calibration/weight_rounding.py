@@ -55,7 +55,9 @@ def gptq_round(
 
     Computes in float64: H's inverse is ill-conditioned, and every decision is a rounding that float noise must not
     flip."""
-    out_dtype = weight.dtype
+    out_dtype, out_device = weight.dtype, weight.device
+    if out_device.type == "mps":  # no float64 there: round on the CPU, a few seconds per model
+        weight, scale, inputs = weight.cpu(), scale.cpu(), inputs.cpu()
     w = weight.to(torch.float64)
     rows = w.shape[0]
     searched = scale.to(torch.float64).reshape(-1)
@@ -78,7 +80,7 @@ def gptq_round(
     chosen = scales[pick].to(out_dtype)
     # Integers times the scale as stored, as the fake quantizer computes them, so re-quantizing gives them back.
     levels = torch.round(rounded[pick] / scales[pick, None]).to(out_dtype)
-    return levels * chosen[:, None], chosen
+    return (levels * chosen[:, None]).to(out_device), chosen.to(out_device)
 
 
 def _gptq(w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, h: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,8 @@ def bias_correction(
     weight: torch.Tensor, quantized_weight: torch.Tensor, inputs: torch.Tensor, quantized_inputs: torch.Tensor
 ) -> torch.Tensor:
     """The per-output-channel mean error E[x Wᵀ] − E[Q(x) Ŵᵀ] over the rows (R, K): add it to the bias."""
-    mean_x = inputs.to(torch.float64).mean(0)
-    mean_q = quantized_inputs.to(torch.float64).mean(0)
-    shift = weight.to(torch.float64) @ mean_x - quantized_weight.to(torch.float64) @ mean_q
+    wide = torch.float32 if weight.device.type == "mps" else torch.float64  # MPS has no float64
+    mean_x = inputs.to(wide).mean(0)
+    mean_q = quantized_inputs.to(wide).mean(0)
+    shift = weight.to(wide) @ mean_x - quantized_weight.to(wide) @ mean_q
     return shift.to(weight.dtype)
