@@ -157,7 +157,7 @@ def export_artifact(
     if unknown:
         raise UserError(f"unknown stages {sorted(unknown)}: choose from {', '.join(STAGES)}")
     model, recipe, config = load_quantized(quantized_dir)
-    int4 = recipe.weight_bits <= 4
+    int4 = recipe.min_weight_bits <= 4
     if int4 and target != "iOS18":
         raise UserError(
             f"{recipe.bits.upper()} stores its weights in int4, which Core ML supports from iOS18: use --target iOS18"

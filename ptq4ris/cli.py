@@ -37,6 +37,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def size_budget(text: str) -> tuple[float, str]:
+    """``16.2`` (megabytes) or ``0.15x`` (a fraction of the float program): (value, "MB" | "x")."""
+    unit = "x" if text.lower().endswith("x") else "MB"
+    number = text[:-1] if unit == "x" else text
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected megabytes (16.2) or a fraction of float (0.15x), got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive size, got {text!r}")
+    return value, unit
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -326,6 +339,15 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "lowered mIoU on lavt-tiny, see docs/results.md)",
     )
     p.add_argument(
+        "--budget-size",
+        type=size_budget,
+        default=None,
+        metavar="MB|Fx",
+        help="mixed precision under a size budget for the Android program's weights, in megabytes (16.2) or as a "
+        "fraction of the float program (0.15x): layers whose 4-bit weights cost the mask logits most keep 8 bits, as "
+        "many as fit; needs 4-bit weights in --bits (the setting of the other layers)",
+    )
+    p.add_argument(
         "--gelu-pow2",
         action="store_true",
         help="DRQ post-GELU: restrict the positive step to 2^k times the negative one (PTQ4ViT's requirement)",
@@ -395,21 +417,45 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.random_weights and args.checkpoint:
         raise UserError("--random-weights and --checkpoint exclude each other: drop one")
     model = build_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)
+    budget = _budget_bytes(args.budget_size, model, recipe) if args.budget_size else None
     dataset = _dataset(args, model.config)  # a split it cannot read raises with the fix (open_split)
     batch = calibration_batch(dataset, args.calib_size, default_everyday(recipe, args.everyday_expressions))
     import torch
 
+    allocation = None
+    if budget is not None:
+        from quantize.calibration.bit_allocation import allocate_weight_bits
+
+        recipe, allocation = allocate_weight_bits(model, recipe, batch.chunks(args.chunk_size, args.device), budget, True)
+        print(
+            f"bit allocation: {len(allocation.high_layers)} of {len(allocation.layers)} layers keep "
+            f"{allocation.high_bits}-bit weights; program weights {allocation.estimated_bytes / 1e6:.2f} MB of a "
+            f"{budget / 1e6:.2f} MB budget (all {allocation.low_bits}-bit: {allocation.low_program_bytes / 1e6:.2f}, "
+            f"all {allocation.high_bits}-bit: {allocation.high_program_bytes / 1e6:.2f})"
+        )
     dtype = torch.float64 if args.float64 else None
     quantized, report = calibrate(
         model, recipe, batch, chunk_size=args.chunk_size, device=args.device, progress=True, dtype=dtype
     )
     extra = {"calibration": calibration_record(dataset, batch, report)}
+    if allocation is not None:
+        extra["bit_allocation"] = allocation.to_dict()
     out = save_quantized(quantized.cpu(), recipe, args.out, args.model, extra, calibration_inputs=batch)
     print(
         f"{recipe.method} {recipe.bits}: {report.sites} quantized layers calibrated in {report.seconds:.1f} s "
         f"on {len(batch)} pairs of {args.dataset} {args.split} ({batch.description}); written to {out}"
     )
     return 0
+
+
+def _budget_bytes(budget: tuple[float, str], model, recipe) -> int:
+    """The --budget-size in bytes, checked against what the model's programs can be (before any data is read)."""
+    from quantize.calibration.bit_allocation import check_budget, float_program_bytes
+
+    value, unit = budget
+    bytes_ = int(value * (float_program_bytes(model) if unit == "x" else 1e6))
+    check_budget(model, recipe, bytes_)
+    return bytes_
 
 
 def _add_export_args(p: argparse.ArgumentParser, kind: str, suffix: str, stages: list[str]) -> None:

@@ -243,7 +243,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> tupl
     if recipe.method not in METHODS:
         raise QuantizedArtifactError(f"corrupt {config_file}: unknown method {recipe.method!r}; recalibrate")
     model = LAVT(lavt_config).eval()
-    place_quantizers(model, recipe)
+    try:
+        place_quantizers(model, recipe)
+    except UserError as e:  # a recipe naming layers the model lacks
+        raise QuantizedArtifactError(f"corrupt {config_file}: {e}; recalibrate") from e
     _check_recipe_matches_sites(model, recipe, sites, config_file)
     rebuild_quantizers(model, sites)
     state = _read_weights(weights_file)

@@ -441,12 +441,13 @@ def _search_block(block, recorder: _Recorder, ranges, recipe: Recipe) -> None:
 def _round_weights(site: nn.Module, x: torch.Tensor, recipe: Recipe) -> None:
     """GPTQ rounding and bias correction of one Linear/Conv on its grids, from its captured input rows ``x`` (rows
     that reach no output were dropped): the weights become grid values, the bias absorbs the mean output error."""
-    if recipe.weight_rounding == "nearest" and not recipe.bias_correction:
+    q = site.weight_quantizer
+    rounding = recipe.rounding_at(q.bits)
+    if rounding == "nearest" and not recipe.bias_correction:
         return
     xq = _fq_rows(site.input_quantizer, x)
     w = site.weight.reshape(site.weight.shape[0], -1)
-    q = site.weight_quantizer
-    if recipe.weight_rounding == "gptq":
+    if rounding == "gptq":
         per_row = recipe.weight_granularity == "per_channel"
         rounded, scale = gptq_round(w, q.scale.reshape(-1), q.qmin, q.qmax, xq, per_row=per_row)
     else:
@@ -496,7 +497,7 @@ def calibrate(
         _set_enabled(s, False)
         _init_weights(s, recipe)
     ranges = _init_activations(model, sites, recipe, batch, chunk_size, device)
-    rounds_weights = recipe.weight_rounding != "nearest" or recipe.bias_correction
+    rounds_weights = recipe.rounding_at(recipe.min_weight_bits) != "nearest" or recipe.bias_correction
     if recipe.search == "none" and not rounds_weights:
         for s in sites:
             _set_enabled(s, True)

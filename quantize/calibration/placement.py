@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..models.layers import MatMul
 from ..models.roles import LAVT_ROLES, LayerRoles, layer_roles, match
 from .quantizers import (
@@ -172,9 +173,10 @@ def _activation_quantizer(info: SiteInfo, recipe: Recipe, channels: int) -> Fake
     return UniformQuantizer(bits, recipe.act_symmetric)
 
 
-def _weight_quantizer(weight: torch.Tensor, recipe: Recipe) -> UniformQuantizer:
+def _weight_quantizer(weight: torch.Tensor, recipe: Recipe, name: str) -> UniformQuantizer:
     # Always one scale slot per output channel; per-tensor recipes fill the slots of a tensor (or block) equally.
-    return UniformQuantizer(recipe.weight_bits, symmetric=True, shape=(weight.shape[0],) + (1,) * (weight.dim() - 1))
+    bits = recipe.weight_bits_of(name)
+    return UniformQuantizer(bits, symmetric=True, shape=(weight.shape[0],) + (1,) * (weight.dim() - 1))
 
 
 def float_sites(model: nn.Module, recipe: Recipe | None = None) -> list[tuple[str, nn.Module, SiteInfo]]:
@@ -202,7 +204,13 @@ def place_quantizers(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
     chosen by ``recipe`` and placeholder qparams. Returns the quantized modules in data-flow order."""
     fold_batch_norms(model)
     placed = []
-    for name, module, info in float_sites(model, recipe):
+    sites = float_sites(model, recipe)
+    unknown = {name for name, _ in recipe.layer_weight_bits} - {n for n, m, _ in sites if hasattr(m, "weight")}
+    if unknown:
+        raise UserError(
+            f"layer_weight_bits names layers this model has no quantized weights for: {sorted(unknown)[:5]}"
+        )
+    for name, module, info in sites:
         if info.op == "matmul":
             a_role = info.role
             a = (
@@ -214,7 +222,7 @@ def place_quantizers(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
         else:
             channels = module.weight.shape[1]
             q = _QUANT_CLASS[type(module)].from_float(
-                module, info, _activation_quantizer(info, recipe, channels), _weight_quantizer(module.weight, recipe)
+                module, info, _activation_quantizer(info, recipe, channels), _weight_quantizer(module.weight, recipe, name)
             )
         set_submodule(model, name, q)
         placed.append(q)

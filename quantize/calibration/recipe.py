@@ -76,6 +76,8 @@ class Recipe:
             them); ``auto``: GPTQ below 8-bit weights, nearest at 8 (where GPTQ has little left to gain).
         bias_correction: after rounding, add each Linear/Conv's mean output error on the calibration rows to its
             bias (layers without a bias keep none).
+        layer_weight_bits: (layer name, bits) pairs whose weights differ from ``weight_bits``: mixed precision, as
+            chosen under a size budget by :mod:`.bit_allocation`. Empty for a uniform setting.
         seed: sampling seed.
     """
 
@@ -107,6 +109,7 @@ class Recipe:
     keep_final_conv_float: bool = True
     weights: str = "nearest"
     bias_correction: bool = False
+    layer_weight_bits: tuple[tuple[str, int], ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -128,6 +131,11 @@ class Recipe:
             )
         if min(self.candidates, self.rounds, self.max_rows, self.screen_rows, self.refine) < 1:
             raise UserError("candidates, rounds, max_rows, screen_rows and refine must be positive")
+        # A JSON round trip gives lists; the recipe is frozen and hashed as tuples, in layer-name order.
+        pairs = tuple(sorted((str(name), int(bits)) for name, bits in self.layer_weight_bits))
+        object.__setattr__(self, "layer_weight_bits", pairs)
+        if any(not 2 <= bits <= 8 for _, bits in pairs) or len({name for name, _ in pairs}) != len(pairs):
+            raise UserError(f"layer_weight_bits must name each layer once with bits in 2..8, got {pairs}")
         if not 0 < self.alpha_min < self.alpha_max:
             raise UserError(f"need 0 < alpha_min < alpha_max, got {self.alpha_min}, {self.alpha_max}")
 
@@ -159,10 +167,27 @@ class Recipe:
 
     @property
     def weight_rounding(self) -> str:
-        """How this recipe rounds weights: ``nearest`` or ``gptq`` (``weights``, or its by-bits default)."""
+        """How this recipe rounds the weights of a ``weight_bits`` layer: ``nearest`` or ``gptq``."""
+        return self.rounding_at(self.weight_bits)
+
+    def rounding_at(self, bits: int) -> str:
+        """How a layer with ``bits``-bit weights is rounded (``weights``, or its by-bits default: GPTQ below 8)."""
         if self.weights == "auto":
-            return "gptq" if self.weight_bits < 8 else "nearest"
+            return "gptq" if bits < 8 else "nearest"
         return self.weights
+
+    def weight_bits_of(self, layer: str) -> int:
+        """The weight bits of ``layer`` (its entry in ``layer_weight_bits``, else ``weight_bits``)."""
+        return dict(self.layer_weight_bits).get(layer, self.weight_bits)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether some layer's weight bits differ from ``weight_bits``."""
+        return any(bits != self.weight_bits for _, bits in self.layer_weight_bits)
+
+    @property
+    def min_weight_bits(self) -> int:
+        return min([self.weight_bits] + [bits for _, bits in self.layer_weight_bits])
 
     @property
     def softmax_drq(self) -> bool:
@@ -176,7 +201,9 @@ class Recipe:
 
     @property
     def bits(self) -> str:
-        return f"w{self.weight_bits}a{self.act_bits}"
+        """``w4a8``; a mixed setting lists its weight widths, base first: ``w4/8a8``."""
+        widths = [self.weight_bits] + sorted({b for _, b in self.layer_weight_bits} - {self.weight_bits})
+        return f"w{'/'.join(map(str, widths))}a{self.act_bits}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
