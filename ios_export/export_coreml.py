@@ -146,7 +146,7 @@ def export_artifact(
     """
     from quantize.atomic import atomic_folder, write_atomic
     from quantize.calibration.artifact import load_quantized
-    from quantize.deploy.graph import calibrated_graph, calibration_inputs, table_bits
+    from quantize.deploy.graph import calibrated_graph, calibration_inputs, table_format
     from quantize.deploy.stages import STAGES, float_stage, stage_inputs
     from quantize.file_kinds import is_mlpackage
 
@@ -180,7 +180,7 @@ def export_artifact(
         t = time.perf_counter()
         if quantized:
             module, _, _ = calibrated_graph(
-                model, stage, pairs[0], pairs, output_observer, table_bits(recipe), split_outputs
+                model, stage, pairs[0], pairs, output_observer, table_format(recipe), split_outputs
             )
         else:
             module = float_stage(model, stage)

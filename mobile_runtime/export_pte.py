@@ -25,7 +25,7 @@ from torch import nn
 
 from quantize.atomic import write_atomic
 from quantize.deploy.deploy_form import SiteLowering
-from quantize.deploy.graph import calibrated_graph, calibration_inputs, table_bits
+from quantize.deploy.graph import TableFormat, calibrated_graph, calibration_inputs, table_format
 from quantize.deploy.stages import STAGES, float_stage, stage_inputs
 from quantize.errors import UserError
 
@@ -52,7 +52,7 @@ def export_program(
     calib: list[tuple[torch.Tensor, ...]] | None,
     quantized: bool = True,
     output_observer: str = "histogram",
-    table_bits: int = 8,
+    table: TableFormat = TableFormat(),
     split_outputs: bool = True,
 ) -> ExportResult:
     """Lower one program of a calibrated model (or, with ``quantized=False``, of its float weights) to a ``.pte``."""
@@ -67,7 +67,7 @@ def export_program(
         if not calib:
             raise UserError("a quantized program needs calibration pairs to observe its GEMM output ranges")
         module, result.sites, result.seconds = calibrated_graph(
-            calibrated, stage, example, calib, output_observer, table_bits, split_outputs
+            calibrated, stage, example, calib, output_observer, table, split_outputs
         )
     else:
         module = float_stage(calibrated, stage)
@@ -154,7 +154,7 @@ def export_artifact(
         pairs = [stage_inputs(model, stage, *pair) for pair in calib]
         log(f"exporting {name} program ...")
         result = export_program(
-            model, stage, pairs[0], pairs, quantized, output_observer, table_bits(recipe), split_outputs
+            model, stage, pairs[0], pairs, quantized, output_observer, table_format(recipe), split_outputs
         )
         write_atomic(paths[name], result.buffer)
         found = kernel_names(result.buffer, pairs[0]) if kernels else None
@@ -163,6 +163,15 @@ def export_artifact(
             f"  {paths[name]}: {len(result.buffer) / 1e6:.2f} MB, {result.delegation['partitions']} partition(s), "
             f"{sum(result.seconds.values()):.0f} s"
         )
+        budget = config.get("bit_allocation", {}).get("budget_bytes")
+        if budget and name == "full":
+            # The allocation counts weights, scales and constants; the program adds its structure on top.
+            report["budget_bytes"] = budget
+            over = len(result.buffer) - budget
+            log(
+                f"  size budget {budget / 1e6:.2f} MB: the program is {abs(over) / 1e6:.2f} MB "
+                + ("over it (its structure: operators and delegate graphs)" if over > 0 else "under it")
+            )
     if report_path is not None:
         write_atomic(Path(report_path), json.dumps(report, indent=2).encode())
         return report

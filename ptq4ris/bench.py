@@ -81,12 +81,16 @@ def peer_names() -> tuple[str, ...]:
     return (*STOCK_FLOWS, *OTHER_PEERS)
 
 
+BUDGET_BITS = "w4a8"  # the setting a size budget mixes with 8-bit weights: the deployment setting for size
+
+
 @dataclass
 class BenchConfig:
     out: Path
     refer_root: Path
     model: str = "lavt-tiny"
     bits: tuple[str, ...] = ("w8a8", "w4a8", "w4a4")
+    budgets: tuple[str, ...] = ()  # --budget-size values for mixed W4/8A8 rows (calibrate's syntax: 19.5 or 0.18x)
     peers: tuple[str, ...] = (
         "xnnpack-static-w8a8",
         "xnnpack-dynamic-int8",
@@ -138,20 +142,23 @@ def _cli(*args: str) -> None:
         raise RuntimeError(f"`ptq4ris {' '.join(args)}` failed with exit {done.returncode}")
 
 
-def _ours(cfg: BenchConfig, bits: str, with_float: bool, log) -> tuple[Path, Path]:
-    """Calibrate and export ours at ``bits`` unless the cache already holds them; returns the program paths."""
+def _ours(cfg: BenchConfig, bits: str, with_float: bool, log, budget: str | None = None) -> tuple[Path, Path]:
+    """Calibrate and export ours at ``bits`` (mixed under ``budget`` when given) unless the cache already holds them;
+    returns the program paths."""
     from mobile_runtime.export_pte import program_paths
     from quantize.calibration.artifact import check_quantized
 
-    artifact = cfg.out / f"{cfg.model}-{bits}"
-    pte = cfg.out / "pte" / f"{cfg.model}-{bits}.pte"
+    name = f"{cfg.model}-{bits}" + (f"-budget-{budget}" if budget else "")
+    artifact = cfg.out / name
+    pte = cfg.out / "pte" / f"{name}.pte"
     paths = program_paths(pte)
     try:
         check_quantized(artifact)
     except UserError:
-        log(f"[{bits}] calibrating ...")
+        log(f"[{name}] calibrating ...")
         _cli("calibrate", "--model", cfg.model, "--method", METHOD, "--bits", bits, "--refer-root", str(cfg.refer_root),
-             "--calib-size", str(cfg.calib_size), "--out", str(artifact))  # fmt: skip
+             "--calib-size", str(cfg.calib_size), "--out", str(artifact),
+             *(["--budget-size", budget] if budget else []))  # fmt: skip
     stamp = (artifact / "config.json").stat().st_mtime
     wanted = [paths["full"]] + ([paths["float"]] if with_float else [])
     if any(not p.is_file() or p.stat().st_mtime < stamp for p in wanted):
@@ -347,6 +354,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         full, floating = _ours(cfg, bits, with_float=i == 0, log=log)
         float_path = float_path or floating
         rows.append(Row(f"ours-{bits}", f"PTQ4RIS deployable {bits.upper()}", str(full)))
+    for budget in cfg.budgets:
+        full, _ = _ours(cfg, BUDGET_BITS, with_float=False, log=log, budget=budget)
+        rows.append(Row(f"ours-budget-{budget}", f"PTQ4RIS deployable W4/8A8, size budget {budget}", str(full)))
     rows.insert(0, Row("float", "float32 (XNNPACK)", str(float_path)))
     calib = calibration_inputs(model, cfg.out / f"{cfg.model}-{cfg.bits[0]}")
     for flow in cfg.peers:

@@ -50,6 +50,12 @@ def size_budget(text: str) -> tuple[float, str]:
     return value, unit
 
 
+def _budget_text(text: str) -> str:
+    """A --budget-size value checked as calibrate checks it, kept as written (it names the bench's cache entry)."""
+    size_budget(text)
+    return text.lower()
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -744,12 +750,12 @@ def _run_parity(args: argparse.Namespace) -> int:
 def _coreml_first_divergence(args: argparse.Namespace, model, recipe, config: dict, dataset) -> dict:
     """Rebuild the graph the full package was converted from and compare op by op on the first pair."""
     from ios_export.parity import first_divergence
-    from quantize.deploy.graph import calibrated_graph, calibration_inputs, table_bits
+    from quantize.deploy.graph import calibrated_graph, calibration_inputs, table_format
 
     item = dataset[0]
     inputs = (item["image"][None], item["input_ids"][None], item["attention_mask"][None])
     calib = calibration_inputs(model, args.quantized, 32)
-    graph, _, _ = calibrated_graph(model, "full", calib[0], calib, table_bits=table_bits(recipe))
+    graph, _, _ = calibrated_graph(model, "full", calib[0], calib, table=table_format(recipe))
     return first_divergence(args.coreml, graph, inputs)
 
 
@@ -947,6 +953,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="lavt-tiny", help="(default: %(default)s)")
     p.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a4"], choices=sorted(BIT_SETTINGS),
                    help="our settings (default: %(default)s)")  # fmt: skip
+    p.add_argument("--budgets", nargs="*", default=[], type=_budget_text, metavar="MB|Fx",
+                   help="also ours as mixed W4/8A8 under each of these size budgets (calibrate --budget-size); "
+                   "e.g. 0.18x 0.21x (default: none)")  # fmt: skip
     p.add_argument("--peers", nargs="*", default=list(BenchConfig.peers), choices=list(peer_names()),
                    help="peer flows to compare with (default: all; none: --peers)")  # fmt: skip
     p.add_argument("--pairs", type=positive_int, default=1000, help="val pairs for accuracy (default: %(default)s)")
@@ -977,7 +986,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         check_output_file(Path(args.docs), "--docs", (".md",), lambda p: True)
     cfg = BenchConfig(
         out=Path(args.out), refer_root=Path(args.refer_root), model=args.model, bits=tuple(args.bits),
-        peers=tuple(args.peers), pairs=args.pairs, interpreter_pairs=args.interpreter_pairs,
+        budgets=tuple(args.budgets), peers=tuple(args.peers), pairs=args.pairs,
+        interpreter_pairs=args.interpreter_pairs,
         calib_size=args.calib_size, runs=args.runs,
         threads=tuple(args.threads), arches=tuple(args.arch), build_dir=Path(args.build_dir),
         progress=not args.no_progress,

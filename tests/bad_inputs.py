@@ -1041,6 +1041,8 @@ def _flags() -> list[Case]:
         ("calibrate", (*CAL, "--out", "c"), "--text-tiers", "-1"),
         ("calibrate", (*CAL, "--out", "c"), "--pwam-groups", "-2"),
         ("calibrate", (*CAL, "--out", "c"), "--everyday-expressions", "-1"),
+        ("calibrate", (*CAL, "--out", "c", "--bits", "w4a8"), "--budget-size", "0"),
+        ("calibrate", (*CAL, "--out", "c", "--bits", "w4a8"), "--budget-size", "-0.2x"),
         ("analyze", (*ANA, "--quantized", "art"), "--sqnr-pairs", "0"),
         ("analyze", (*ANA, "--quantized", "art"), "--limit", "0"),
         ("train", (*TRAIN, "--out", "run"), "--batch-size", "0"),
@@ -1095,6 +1097,15 @@ def _flags() -> list[Case]:
             Expect(message=r"--compare-bits.*fp8"),
         ),
     ]
+    # A size budget is checked against the model's smallest program before any data is read.
+    cases += [
+        Case("calibrate-budget-size-below-smallest-program", k, (*CAL, "--out", "c", "--bits", "w4a8", "--budget-size", "1"),
+             Expect(message=r"--budget-size 1\.00 MB: the smallest w4a8 program .* MB", absent=("c",), max_seconds=FAST)),
+        Case("calibrate-budget-size-with-8-bit-weights", k, (*CAL, "--out", "c", "--budget-size", "0.2x"),
+             Expect(message=r"--budget-size .*--bits w4a8", absent=("c",), max_seconds=FAST)),
+        Case("calibrate-budget-size-not-a-size", k, (*CAL, "--out", "c", "--bits", "w4a8", "--budget-size", "16MB"),
+             Expect(message=r"--budget-size.*16MB", absent=("c",), max_seconds=5)),
+    ]  # fmt: skip
     missing = [
         ("no-command", ()),
         ("data-no-subcommand", ("data",)),

@@ -45,8 +45,8 @@ __all__ = [
 HIGH_BITS = 8
 SCALE_BYTES = 4  # one float32 scale per output channel and stream
 # The word table is stored as torchao int4 groups (quantize.deploy.graph): 4-bit values and a float32 scale per group
-# of 32 (symmetric: no zero points once fused); an 8-bit table stores int8 values and one float32 scale per row.
-TABLE_GROUP = 32
+# of the recipe's table_group values (symmetric: no zero points once fused); an 8-bit table stores int8 values and
+# one float32 scale per row.
 KB = 1024
 
 
@@ -76,10 +76,10 @@ def stored_bytes(op: str, weight_shape: torch.Size, bits: int, copies: float = 1
     return int(round(copies * values * stored_value_bits(op, bits) / 8)) + streams * rows * SCALE_BYTES
 
 
-def _table_bytes(table: nn.Embedding, bits: int) -> int:
+def _table_bytes(table: nn.Embedding, recipe: Recipe) -> int:
     n = table.weight.numel()
-    if bits <= 4:
-        return n // 2 + (n // TABLE_GROUP) * SCALE_BYTES
+    if recipe.table_bits == 4:
+        return n // 2 + (n // recipe.table_group) * SCALE_BYTES
     return n + table.weight.shape[0] * SCALE_BYTES
 
 
@@ -124,7 +124,7 @@ def program_bytes(model: nn.Module, recipe: Recipe, bits: dict[str, int] | None 
         total += stored_bytes(site.info.op, site.weight.shape, bits.get(name, own), copies, streams)
     table_name = layer_roles(model).word_table
     weights = {f"{name}.weight" for name in sites} | {f"{table_name}.weight"}
-    total += _table_bytes(model.get_submodule(table_name), 4 if recipe.weight_bits <= 4 else 8)
+    total += _table_bytes(model.get_submodule(table_name), recipe)
     total += sum(4 * _reachable_rows(n, p, model) for n, p in model.named_parameters() if n not in weights)
     # Float buffers (Swin's shifted-window masks) are constants of the program too; quantizer buffers are not.
     site_buffers = {id(b) for s in sites.values() for b in s.buffers()}

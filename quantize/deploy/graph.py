@@ -10,6 +10,8 @@ start from :func:`calibrated_graph`, so the two carry the same calibrated scales
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import time
 from pathlib import Path
 
@@ -23,11 +25,16 @@ from .deploy_form import DeployMatMul, QuantStream, SiteLowering, to_deploy_form
 from .output_split import split_output_outliers
 from .stages import Stage, in_stage
 
-__all__ = ["TABLE_GROUP", "calibrated_graph", "calibration_inputs", "table_bits"]
+__all__ = ["TableFormat", "calibrated_graph", "calibration_inputs", "table_format"]
 
-# Values per scale of the 4-bit word table: 32 keeps the table's error below the 4-bit weights' (one group of a row
-# holds no outlier of another) for 1/8 of the table's bytes in fp32 scales.
-TABLE_GROUP = 32
+
+@dataclass(frozen=True)
+class TableFormat:
+    """How the word table is stored: 8 bits with one scale per row, or 4 bits with one float32 scale per ``group``
+    values of a row."""
+
+    bits: int = 8
+    group: int = 0
 
 
 def calibrated_graph(
@@ -36,26 +43,26 @@ def calibrated_graph(
     example: tuple[torch.Tensor, ...],
     calib: list[tuple[torch.Tensor, ...]],
     output_observer: str = "histogram",
-    table_bits: int = 8,
+    table: TableFormat = TableFormat(),
     split_outputs: bool = True,
 ) -> tuple[torch.fx.GraphModule, list[SiteLowering], dict[str, float]]:
     """The converted PT2E graph of ``stage`` with the calibrated grids (the graph both backends lower).
 
-    ``table_bits``: the word table in 8 bits (one scale per row) or 4 bits (symmetric, one scale per group of
-    :data:`TABLE_GROUP` values; the W4 settings, where the 8-bit table would be 40% of the weights).
+    ``table``: the word table in 8 bits (one scale per row) or 4 bits (symmetric, one scale per group of values of a
+    row; the W4 settings, where the 8-bit table would be 40% of the weights).
     ``split_outputs``: GEMMs whose outputs have a few massive channels put them on their own int8 output range
     (:mod:`~quantize.deploy.output_split`)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from .calibrated_quantizer import CalibratedQuantizer
 
-    if table_bits not in (4, 8):
-        raise UserError(f"table_bits must be 4 or 8, got {table_bits}")
+    if table.bits not in (4, 8):
+        raise UserError(f"the word table is stored in 4 or 8 bits, not {table.bits}")
     seconds = {}
     roles = layer_roles(calibrated)
     deploy, sites = to_deploy_form(calibrated)
-    if table_bits == 4:
-        _quantize_table_4bit(deploy, roles.word_table)
+    if table.bits == 4:
+        _quantize_table_4bit(deploy, roles.word_table, table.group)
     program = Stage(deploy, stage).eval()
     if split_outputs:
         split_output_outliers(program, calib, sites)
@@ -81,22 +88,22 @@ def calibrated_graph(
         SiteLowering(n, "embedding", "text", "uint8_per_row", "8-bit table (embedding_byte)", 1, "uint8 per row")
         for n in quantizer.embeddings
     ]
-    if table_bits == 4 and stage != "visual":
+    if table.bits == 4 and stage != "visual":
         tables.append(
             SiteLowering(
                 roles.word_table,
                 "embedding",
                 "text",
-                f"int4_group{TABLE_GROUP}",
+                f"int4_group{table.group}",
                 "4-bit table (embedding_4bit)",
                 1,
-                f"int4 per group of {TABLE_GROUP}",
+                f"int4 per group of {table.group}",
             )
         )
     return converted, [s for s in sites if s.site in used] + tables, seconds
 
 
-def _quantize_table_4bit(deploy: nn.Module, word_table: str) -> None:
+def _quantize_table_4bit(deploy: nn.Module, word_table: str, group: int) -> None:
     """The word table (``word_table``, its module name) as torchao int4 groups, which ExecuTorch fuses into
     ``embedding_4bit`` and coremltools turns into an int4 constexpr lookup table."""
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
@@ -109,12 +116,12 @@ def _quantize_table_4bit(deploy: nn.Module, word_table: str) -> None:
         if is_table(module, name):
             # padding_idx only shapes gradients, and ExecuTorch's embedding_4bit fusion matches the two-argument call.
             module.padding_idx = None
-    quantize_(deploy, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(TABLE_GROUP)), is_table)
+    quantize_(deploy, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group)), is_table)
 
 
-def table_bits(recipe) -> int:
-    """The word table's bits for a recipe: 4 with 4-bit weights (where an 8-bit table would dominate the file), else 8."""
-    return 4 if recipe.weight_bits <= 4 else 8
+def table_format(recipe) -> TableFormat:
+    """The word table's format for a recipe: its ``table_bits``, with ``table_group`` values per scale at 4 bits."""
+    return TableFormat(recipe.table_bits, recipe.table_group if recipe.table_bits == 4 else 0)
 
 
 def calibration_inputs(model: nn.Module, artifact: str | Path, pairs: int = 32) -> list[tuple[torch.Tensor, ...]]:
