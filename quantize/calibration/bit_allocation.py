@@ -44,9 +44,6 @@ __all__ = [
 
 HIGH_BITS = 8
 SCALE_BYTES = 4  # one float32 scale per output channel and stream
-# The word table is stored as torchao int4 groups (quantize.deploy.graph): 4-bit values and a float32 scale per group
-# of the recipe's table_group values (symmetric: no zero points once fused); an 8-bit table stores int8 values and
-# one float32 scale per row.
 KB = 1024
 
 
@@ -77,6 +74,8 @@ def stored_bytes(op: str, weight_shape: torch.Size, bits: int, copies: float = 1
 
 
 def _table_bytes(table: nn.Embedding, recipe: Recipe) -> int:
+    """The word table as exported (quantize.deploy.graph): torchao int4 groups, 4-bit values and a float32 scale per
+    ``table_group`` values (symmetric: no zero points once fused); or int8 values with a float32 scale per row."""
     n = table.weight.numel()
     if recipe.table_bits == 4:
         return n // 2 + (n // recipe.table_group) * SCALE_BYTES
@@ -96,10 +95,13 @@ def _placed(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
     return quantized_sites(model) or place_quantizers(copy.deepcopy(model), recipe)
 
 
-def _reachable_rows(name: str, parameter: torch.Tensor, model: nn.Module) -> int:
-    """Values of a float parameter the program stores: a position table is read at the program's token positions
-    only, and constant propagation keeps just those rows."""
-    if name.endswith("position_embeddings.weight"):
+def _stored_values(name: str, parameter: torch.Tensor, model: nn.Module) -> int:
+    """Values of a float parameter the program stores: of the position table (the model's layer roles name it), the
+    rows of the program's token positions only, which constant propagation keeps."""
+    from ..models import layer_roles
+
+    table = layer_roles(model).position_table
+    if table and name == f"{table}.weight":
         return min(parameter.shape[0], model.config.preprocess.max_tokens) * parameter.shape[1]
     return parameter.numel()
 
@@ -111,8 +113,8 @@ def program_bytes(model: nn.Module, recipe: Recipe, bits: dict[str, int] | None 
     a calibrated one, whose stored copies (tier slices) are then exact.
 
     The program adds its structure (operators, delegate graphs) and the constants that constant propagation expands
-    (Swin's relative position bias tables become one bias per token pair), which this does not count: about 5% of
-    a lavt-tiny program (docs/results.md)."""
+    (Swin's relative position bias tables become one bias per token pair), which this does not count (lavt-tiny:
+    about 0.7 MB; docs/results.md)."""
     from ..models import layer_roles
 
     bits = bits or {}
@@ -125,7 +127,7 @@ def program_bytes(model: nn.Module, recipe: Recipe, bits: dict[str, int] | None 
     table_name = layer_roles(model).word_table
     weights = {f"{name}.weight" for name in sites} | {f"{table_name}.weight"}
     total += _table_bytes(model.get_submodule(table_name), recipe)
-    total += sum(4 * _reachable_rows(n, p, model) for n, p in model.named_parameters() if n not in weights)
+    total += sum(4 * _stored_values(n, p, model) for n, p in model.named_parameters() if n not in weights)
     # Float buffers (Swin's shifted-window masks) are constants of the program too; quantizer buffers are not.
     site_buffers = {id(b) for s in sites.values() for b in s.buffers()}
     total += sum(
@@ -137,7 +139,7 @@ def program_bytes(model: nn.Module, recipe: Recipe, bits: dict[str, int] | None 
 def float_program_bytes(model: nn.Module) -> int:
     """The weight bytes of the float program, counted as :func:`program_bytes` counts them: every parameter (the
     reachable position rows) and float buffer in float32."""
-    params = sum(4 * _reachable_rows(n, p, model) for n, p in model.named_parameters())
+    params = sum(4 * _stored_values(n, p, model) for n, p in model.named_parameters())
     return params + sum(b.numel() * 4 for b in model.buffers() if b.is_floating_point())
 
 

@@ -216,6 +216,8 @@ class LayerRoles:
         fold_groups: the channel permutations deployable RORQ folds, in folding order.
         norm_folds: BatchNorms folded into their convs before placement.
         word_table: the embedding table looked up by token id (stored in 8 or 4 bits once exported).
+        position_table: the embedding table looked up by token position: a program of fixed sentence length reads
+            its first rows only, and constant propagation stores just those.
         output_head: the final class conv, which recipes may keep float (as the paper does).
     """
 
@@ -225,6 +227,7 @@ class LayerRoles:
     fold_groups: tuple[FoldGroup, ...] = ()
     norm_folds: tuple[NormFold, ...] = ()
     word_table: str | None = None
+    position_table: str | None = None
     output_head: str | None = None
 
     def __post_init__(self) -> None:
@@ -449,5 +452,6 @@ LAVT_ROLES = LayerRoles(
     ),
     norm_folds=(NormFold("classifier.bn{conv}_{level}", "classifier.conv{conv}_{level}"),),
     word_table="text_encoder.embeddings.word_embeddings",
+    position_table="text_encoder.embeddings.position_embeddings",
     output_head="classifier.conv1_1",
 )
