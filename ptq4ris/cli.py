@@ -431,9 +431,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     allocation = None
     if budget is not None:
-        from quantize.calibration.bit_allocation import allocate_weight_bits
+        from quantize.calibration.bit_allocation import SENSITIVITY_PAIRS, allocate_weight_bits
 
-        recipe, allocation = allocate_weight_bits(model, recipe, batch.chunks(args.chunk_size, args.device), budget, True)
+        sample = batch.spread(SENSITIVITY_PAIRS).chunks(args.chunk_size, args.device)
+        recipe, allocation = allocate_weight_bits(model, recipe, sample, budget, progress=True)
         print(
             f"bit allocation: {len(allocation.high_layers)} of {len(allocation.layers)} layers keep "
             f"{allocation.high_bits}-bit weights; program weights {allocation.estimated_bytes / 1e6:.2f} MB of a "

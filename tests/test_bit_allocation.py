@@ -163,3 +163,15 @@ def test_mixed_artifact_converts_to_core_ml_with_both_widths(mixed, tmp_path, ca
             meta = op.data.val.dtype.metadata  # sub-byte types ride on an int8/uint8 numpy dtype
             dtypes.add(types.builtin_to_string(meta["true_dtype"]) if meta else str(op.data.val.dtype))
     assert {"int4", "int8"} <= dtypes, dtypes  # the 4-bit layers (and table) in int4, the 8-bit ones in int8
+
+
+def test_sensitivity_pairs_are_spread_over_split_and_everyday_pairs():
+    from quantize.calibration.calibrate import CalibrationBatch
+
+    n = 64
+    batch = CalibrationBatch(torch.zeros(n, 3, 2, 2), torch.arange(n)[:, None], torch.ones(n, 1), "pairs", everyday=32)
+    sample = batch.spread(16)
+    ids = sample.input_ids[:, 0].tolist()
+    assert len(sample) == 16 and ids[0] == 0 and ids[-1] == n - 1 and ids == sorted(set(ids))
+    assert sample.everyday == sum(i >= 32 for i in ids) == 8
+    assert batch.spread(100) is batch

@@ -32,6 +32,7 @@ from .recipe import Recipe
 
 __all__ = [
     "HIGH_BITS",
+    "SENSITIVITY_PAIRS",
     "Allocation",
     "allocate_weight_bits",
     "check_budget",
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 HIGH_BITS = 8
+# Pairs the sensitivity is measured on, spread over the calibration pairs: one forward per layer is the cost, and on
+# lavt-tiny 16 of the 64 W4A8 pairs rank its 110 layers as all 64 do (Spearman 0.993) in a quarter of the time.
+SENSITIVITY_PAIRS = 16
 SCALE_BYTES = 4  # one float32 scale per output channel and stream
 KB = 1024
 

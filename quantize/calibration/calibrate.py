@@ -76,6 +76,16 @@ class CalibrationBatch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def spread(self, count: int) -> CalibrationBatch:
+        """At most ``count`` of the pairs, evenly spaced over all of them (split pairs and everyday expressions
+        alike)."""
+        if count >= len(self):
+            return self
+        index = torch.linspace(0, len(self) - 1, count).round().long().unique()
+        everyday = int((index >= len(self) - self.everyday).sum())
+        picked = (self.images[index], self.input_ids[index], self.attention_mask[index])
+        return CalibrationBatch(*picked, description=f"{len(index)} of: {self.description}", everyday=everyday)
+
     def chunks(self, size: int, device, dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, ...]]:
         """(images, input_ids, attention_mask) per ``size`` pairs, on ``device``; images in ``dtype`` if given."""
         out = []
