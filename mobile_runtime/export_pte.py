@@ -25,7 +25,7 @@ from torch import nn
 
 from quantize.atomic import write_atomic
 from quantize.deploy.deploy_form import SiteLowering
-from quantize.deploy.graph import TableFormat, calibrated_graph, calibration_inputs, table_format
+from quantize.deploy.graph import TABLE_8BIT, TableFormat, calibrated_graph, calibration_inputs, table_format
 from quantize.deploy.stages import STAGES, float_stage, stage_inputs
 from quantize.errors import UserError
 
@@ -52,7 +52,7 @@ def export_program(
     calib: list[tuple[torch.Tensor, ...]] | None,
     quantized: bool = True,
     output_observer: str = "histogram",
-    table: TableFormat = TableFormat(),
+    table: TableFormat = TABLE_8BIT,
     split_outputs: bool = True,
 ) -> ExportResult:
     """Lower one program of a calibrated model (or, with ``quantized=False``, of its float weights) to a ``.pte``."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def size_budget(text: str) -> tuple[float, str]:
         value = float(number)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected megabytes (16.2) or a fraction of float (0.15x), got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
+    if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive size, got {text!r}")
     return value, unit
 

@@ -135,7 +135,7 @@ def test_allocation_fits_the_budget_and_keeps_the_costliest_errors_out(mixed):
 
 
 def test_mixed_artifact_lowers_both_widths_at_the_estimated_size(mixed, tmp_path, capsys):
-    out, allocation, _, _ = mixed
+    out, _, _, _ = mixed
     pte = tmp_path / "mixed.pte"
     argv = ["export-pte", "--quantized", str(out), "--out", str(pte), "--stages", "full", "--no-float", "--json"]
     assert main(argv) == 0

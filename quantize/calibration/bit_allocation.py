@@ -74,7 +74,7 @@ def stored_bytes(op: str, weight_shape: torch.Size, bits: int, copies: float = 1
     """Bytes of one layer's weights and per-channel scales as the ``.pte`` stores them at ``bits``."""
     rows = weight_shape[0]
     values = rows * int(np.prod(weight_shape[1:]))
-    return int(round(copies * values * stored_value_bits(op, bits) / 8)) + streams * rows * SCALE_BYTES
+    return round(copies * values * stored_value_bits(op, bits) / 8) + streams * rows * SCALE_BYTES
 
 
 def _table_bytes(table: nn.Embedding, recipe: Recipe) -> int:
@@ -134,9 +134,7 @@ def program_bytes(model: nn.Module, recipe: Recipe, bits: dict[str, int] | None 
     total += sum(4 * _stored_values(n, p, model) for n, p in model.named_parameters() if n not in weights)
     # Float buffers (Swin's shifted-window masks) are constants of the program too; quantizer buffers are not.
     site_buffers = {id(b) for s in sites.values() for b in s.buffers()}
-    total += sum(
-        b.numel() * 4 for b in model.buffers() if b.is_floating_point() and id(b) not in site_buffers
-    )
+    total += sum(b.numel() * 4 for b in model.buffers() if b.is_floating_point() and id(b) not in site_buffers)
     return total
 
 

@@ -222,7 +222,10 @@ def place_quantizers(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
         else:
             channels = module.weight.shape[1]
             q = _QUANT_CLASS[type(module)].from_float(
-                module, info, _activation_quantizer(info, recipe, channels), _weight_quantizer(module.weight, recipe, name)
+                module,
+                info,
+                _activation_quantizer(info, recipe, channels),
+                _weight_quantizer(module.weight, recipe, name),
             )
         set_submodule(model, name, q)
         placed.append(q)

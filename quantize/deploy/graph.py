@@ -10,9 +10,8 @@ start from :func:`calibrated_graph`, so the two carry the same calibrated scales
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from .deploy_form import DeployMatMul, QuantStream, SiteLowering, to_deploy_form
 from .output_split import split_output_outliers
 from .stages import Stage, in_stage
 
-__all__ = ["TableFormat", "calibrated_graph", "calibration_inputs", "table_format"]
+__all__ = ["TABLE_8BIT", "TableFormat", "calibrated_graph", "calibration_inputs", "table_format"]
 
 
 @dataclass(frozen=True)
@@ -37,13 +36,16 @@ class TableFormat:
     group: int = 0
 
 
+TABLE_8BIT = TableFormat()
+
+
 def calibrated_graph(
     calibrated: nn.Module,
     stage: str,
     example: tuple[torch.Tensor, ...],
     calib: list[tuple[torch.Tensor, ...]],
     output_observer: str = "histogram",
-    table: TableFormat = TableFormat(),
+    table: TableFormat = TABLE_8BIT,
     split_outputs: bool = True,
 ) -> tuple[torch.fx.GraphModule, list[SiteLowering], dict[str, float]]:
     """The converted PT2E graph of ``stage`` with the calibrated grids (the graph both backends lower).
