@@ -268,7 +268,7 @@ def allocate_weight_bits(
 
     start = time.perf_counter()
     low, high = check_budget(model, recipe, budget_bytes)
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model).eval().to(chunks[0][0].device)  # where the calibration pairs are (--device)
     fold_batch_norms(model)  # the weights as deployed, BatchNorm folded in
     layers = _weight_layers(model, recipe)
     noise = weight_sensitivity(model, recipe, chunks, recipe.weight_bits, progress)
