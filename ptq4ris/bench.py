@@ -333,6 +333,19 @@ def _instructions(rows: list[Row], cfg: BenchConfig, inputs: tuple[torch.Tensor,
     return skipped
 
 
+def _check_budgets(cfg: BenchConfig, model) -> None:
+    """Each --budgets value against the model's smallest program, before anything is built."""
+    from quantize.calibration.bit_allocation import budget_bytes, check_budget, parse_budget
+    from quantize.calibration.recipe import make_recipe
+
+    recipe = make_recipe(METHOD, BUDGET_BITS)
+    for budget in cfg.budgets:
+        try:
+            check_budget(model, recipe, budget_bytes(parse_budget(budget), model))
+        except UserError as e:
+            raise UserError(f"--budgets {budget}: {e}") from None
+
+
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     from quantize.data import open_split
     from quantize.deploy.graph import calibration_inputs
@@ -345,6 +358,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     start = time.perf_counter()
     model = build_model(cfg.model)
     dataset = open_split(cfg.refer_root, "shapesref", "unc", "val", model.config)  # refused before anything is written
+    _check_budgets(cfg, model)
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_manifest(cfg.out, BENCH_KIND)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -40,15 +39,12 @@ def positive_int(text: str) -> int:
 
 def size_budget(text: str) -> tuple[float, str]:
     """``16.2`` (megabytes) or ``0.15x`` (a fraction of the float program): (value, "MB" | "x")."""
-    unit = "x" if text.lower().endswith("x") else "MB"
-    number = text[:-1] if unit == "x" else text
+    from quantize.calibration.bit_allocation import parse_budget
+
     try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected megabytes (16.2) or a fraction of float (0.15x), got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive size, got {text!r}")
-    return value, unit
+        return parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _budget_text(text: str) -> str:
@@ -459,10 +455,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 def _budget_bytes(budget: tuple[float, str], model, recipe) -> int:
     """The --budget-size in bytes, checked against what the model's programs can be (before any data is read)."""
-    from quantize.calibration.bit_allocation import check_budget, float_program_bytes
+    from quantize.calibration.bit_allocation import budget_bytes, check_budget
 
-    value, unit = budget
-    bytes_ = int(value * (float_program_bytes(model) if unit == "x" else 1e6))
+    bytes_ = budget_bytes(budget, model)
     check_budget(model, recipe, bytes_)
     return bytes_
 

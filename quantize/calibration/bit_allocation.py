@@ -17,6 +17,7 @@ records the choice with the allocation's own record (bytes, errors, budget).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +36,10 @@ __all__ = [
     "SENSITIVITY_PAIRS",
     "Allocation",
     "allocate_weight_bits",
+    "budget_bytes",
     "check_budget",
     "float_program_bytes",
+    "parse_budget",
     "program_bytes",
     "stored_bytes",
     "stored_value_bits",
@@ -225,6 +228,25 @@ def _knapsack(costs: list[int], gains: list[float], capacity: int) -> list[int]:
             chosen.append(i)
             room -= costs[i]
     return sorted(chosen)
+
+
+def parse_budget(text: str) -> tuple[float, str]:
+    """``17.5`` (megabytes) or ``0.16x`` (a fraction of the float program) as (value, "MB" | "x"); ValueError
+    otherwise."""
+    unit = "x" if text.lower().endswith("x") else "MB"
+    try:
+        value = float(text[:-1] if unit == "x" else text)
+    except ValueError:
+        raise ValueError(f"expected megabytes (16.2) or a fraction of float (0.15x), got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"must be a positive size, got {text!r}")
+    return value, unit
+
+
+def budget_bytes(budget: tuple[float, str], model: nn.Module) -> int:
+    """A parsed budget in bytes (a fraction is of :func:`float_program_bytes`)."""
+    value, unit = budget
+    return int(value * (float_program_bytes(model) if unit == "x" else 1e6))
 
 
 def check_budget(model: nn.Module, recipe: Recipe, budget_bytes: int) -> tuple[int, int]:
