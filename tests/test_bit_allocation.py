@@ -12,7 +12,7 @@ import torch
 from ptq4ris.cli import main
 from quantize.calibration.artifact import load_quantized, save_quantized
 from quantize.calibration.bit_allocation import (
-    _knapsack,
+    knapsack,
     allocate_weight_bits,
     check_budget,
     program_bytes,
@@ -35,7 +35,7 @@ def test_knapsack_is_exact():
         costs = torch.randint(0, 9, (n,), generator=g).tolist()
         gains = torch.rand(n, generator=g).tolist()
         capacity = int(torch.randint(0, 25, (1,), generator=g))
-        chosen = _knapsack(costs, gains, capacity)
+        chosen = knapsack(costs, gains, capacity)
         assert sum(costs[i] for i in chosen) <= capacity
         best = max(
             sum(gains[i] for i in subset)

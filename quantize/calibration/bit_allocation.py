@@ -211,7 +211,7 @@ class Allocation:
         return dataclasses.asdict(self)
 
 
-def _knapsack(costs: list[int], gains: list[float], capacity: int) -> list[int]:
+def knapsack(costs: list[int], gains: list[float], capacity: int) -> list[int]:
     """Indices of the items of greatest total gain whose costs (in units) fit ``capacity`` units (0/1, exact)."""
     best = np.zeros(capacity + 1)
     took = np.zeros((len(costs), capacity + 1), dtype=bool)
@@ -307,7 +307,7 @@ def allocate_weight_bits(
         chosen = candidates
     else:
         units = [-(-extra[n] // KB) for n in candidates]  # rounded up: the choice never exceeds the budget
-        chosen = [candidates[i] for i in _knapsack(units, [noise[n] for n in candidates], (budget_bytes - low) // KB)]
+        chosen = [candidates[i] for i in knapsack(units, [noise[n] for n in candidates], (budget_bytes - low) // KB)]
     high_layers = sorted(free + chosen)
     bits = {name: (HIGH_BITS if name in high_layers else recipe.weight_bits) for name, _, _ in layers}
     allocation = Allocation(
