@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/ptq4ris demo --out runs/demo --data $(DATA)
 
+# Two workers, one test file each at a time (module fixtures are built once); the slowest tests are listed.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 # Debian packages the device harness, the instruction counter and the report tests use (qemu-user, the aarch64
 # cross compiler, valgrind, adb, kotlin, chromium). Needs root (or sudo).

@@ -36,7 +36,7 @@ import torch
 
 from quantize.errors import UserError
 
-from .native_runner import DEFAULT_BUILD, SOURCE, NativeRunner, ToolMissing, build_runner
+from .native_runner import DEFAULT_BUILD, SOURCE, NativeRunner, ToolMissing, build_lock, build_runner
 
 __all__ = ["ARCHES", "InstructionCount", "build_counter_plugin", "count_instructions"]
 
@@ -70,8 +70,13 @@ def build_counter_plugin(build_dir: Path = DEFAULT_BUILD) -> Path:
         raise ToolMissing(f"no C compiler (cc) to build the qemu plugin: {INSTALL_HINT['aarch64']}")
     # Absolute: qemu runs inside the runner's own working folder.
     out = (Path(build_dir) / "qemu-plugin" / "libptq4ris_insn_count.so").resolve()
-    if out.is_file() and out.stat().st_mtime >= PLUGIN_SOURCE.stat().st_mtime:
-        return out
+    with build_lock(Path(build_dir)):
+        if out.is_file() and out.stat().st_mtime >= PLUGIN_SOURCE.stat().st_mtime:
+            return out
+        return _compile_plugin(compiler, out)
+
+
+def _compile_plugin(compiler: str, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     cmd = [compiler, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-o", str(tmp), str(PLUGIN_SOURCE)]

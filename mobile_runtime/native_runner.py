@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from quantize.errors import MissingFileError, UserError
 
 from .runtime import check_pte_file
 
-__all__ = ["NativeRunner", "RunResult", "ToolMissing", "build_runner", "executorch_root"]
+__all__ = ["NativeRunner", "RunResult", "ToolMissing", "build_lock", "build_runner", "executorch_root"]
 
 SOURCE = Path(__file__).parent / "native"
 DEFAULT_BUILD = Path("build")
@@ -98,7 +99,19 @@ def build_runner(target: str = "host", build_dir: Path = DEFAULT_BUILD, log=prin
         )
     _require("cmake")
     build_dir = Path(build_dir)
+    with build_lock(build_dir):
+        return _build_runner(target, build_dir, log)
+
+
+def build_lock(build_dir: Path) -> FileLock:
+    """Held while anything is built in ``build_dir``: two processes (a bench beside a test run, parallel test workers)
+    configuring one CMake tree, or writing one plugin, would corrupt it; the second waits for the first."""
+    build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(build_dir / ".build.lock")
+
+
+def _build_runner(target: str, build_dir: Path, log) -> Path:
     out = build_dir / f"native-{target}"
     args = ["-DCMAKE_BUILD_TYPE=Release"]
     if target == "host":

@@ -174,11 +174,17 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _default_sigint() -> None:
+    # A test run started in the background (`make test &`, nohup, some CI runners) hands its children SIGINT ignored,
+    # and a process that inherits an ignored SIGINT rightly keeps ignoring it: give the child the terminal's default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
         [sys.executable, "-m", "ptq4ris", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        text=True, preexec_fn=_default_sigint,
     )  # fmt: skip
 
 
