@@ -58,6 +58,12 @@ ROWS: list[tuple[str, str, dict, str]] = [
         "PTQ4RIS groups and tier slices with DRQ kept at A4 (nearest weights)",
     ),
     (
+        "ptq4ris-deploy-budget-0.155x",
+        "ptq4ris-deploy",
+        {"budget_size": "0.155x"},
+        "PTQ4RIS deployable, 8-bit weights where they pay most within 0.155× the float program (W4/8A8)",
+    ),
+    (
         "ptq4ris-deploy-96-groups",
         "ptq4ris-deploy",
         {"text_groups": 96, "text_tiers": 1, "drq_min_bits": 3, "weights": "nearest"},
@@ -73,7 +79,11 @@ ROW_BITS: dict[str, tuple[str, ...]] = {
     # GPTQ applies below 8-bit weights only: at W8A8 both rows would repeat the preset.
     "ptq4ris-deploy-nearest": ("w6a6", "w4a8", "w4a4"),
     "ptq4ris-deploy-bias-correction": ("w4a8", "w4a4"),
+    # A size budget chooses between 4- and 8-bit weights; at 0.155x only the W4A8 program fits.
+    "ptq4ris-deploy-budget-0.155x": ("w4a8",),
 }
+# What the other cells of such a row say (default: the preset's cell would repeat).
+ROW_ELSEWHERE: dict[str, str] = {"ptq4ris-deploy-budget-0.155x": "does not apply"}
 
 # The paper's LAVT numbers on RefCOCO val (mIoU / oIoU), from its README.
 PAPER = {
@@ -100,7 +110,8 @@ def _evaluate_cell(key: str, method: str, overrides: dict, bits: str, args, mode
         ]
         quantized = stock_xnnpack_quantize(model, pairs, weight_bits, act_bits)
     else:
-        quantized, _ = calibrate(model, make_recipe(method, bits, **overrides), calib, device=args.device)
+        recipe = _recipe(method, bits, overrides, model, calib, args.device)
+        quantized, _ = calibrate(model, recipe, calib, device=args.device)
     seconds = time.perf_counter() - start
     result = evaluate(quantized, dataset, batch_size=32, device=args.device, limit=args.limit)
     return {
@@ -112,6 +123,28 @@ def _evaluate_cell(key: str, method: str, overrides: dict, bits: str, args, mode
         "pairs": result["pairs"],
         "calibration_seconds": seconds,
     }
+
+
+def _recipe(method: str, bits: str, overrides: dict, model, calib, device):
+    """The cell's recipe; a ``budget_size`` override allocates weight bits under that budget first, as
+    ``ptq4ris calibrate --budget-size`` does (sensitivity on the same spread of the calibration pairs)."""
+    overrides = dict(overrides)
+    budget = overrides.pop("budget_size", None)
+    recipe = make_recipe(method, bits, **overrides)
+    if budget is None:
+        return recipe
+    from .calibration.bit_allocation import (
+        SENSITIVITY_PAIRS,
+        allocate_weight_bits,
+        budget_bytes,
+        check_budget,
+        parse_budget,
+    )
+
+    size = budget_bytes(parse_budget(budget), model)
+    check_budget(model, recipe, size)
+    recipe, _ = allocate_weight_bits(model, recipe, calib.spread(SENSITIVITY_PAIRS).chunks(32, device), size)
+    return recipe
 
 
 def render(cache: Path) -> str:
@@ -153,7 +186,7 @@ def render(cache: Path) -> str:
         for b in bits:
             c = cells.get((key, b))
             if b not in ROW_BITS.get(key, bits):
-                row.append("same as preset")
+                row.append(ROW_ELSEWHERE.get(key, "same as preset"))
                 continue
             row.append(f"{c['mIoU']:.2f} / {c['oIoU']:.2f}" if c else "–")
         w8 = cells.get((key, "w8a8"))

@@ -12,9 +12,9 @@ import torch
 from ptq4ris.cli import main
 from quantize.calibration.artifact import load_quantized, save_quantized
 from quantize.calibration.bit_allocation import (
-    knapsack,
     allocate_weight_bits,
     check_budget,
+    knapsack,
     program_bytes,
     stored_bytes,
 )

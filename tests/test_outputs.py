@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -174,18 +175,21 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def _default_sigint() -> None:
-    # A test run started in the background (`make test &`, nohup, some CI runners) hands its children SIGINT ignored,
-    # and a process that inherits an ignored SIGINT rightly keeps ignoring it: give the child the terminal's default.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen(
-        [sys.executable, "-m", "ptq4ris", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, preexec_fn=_default_sigint,
-    )  # fmt: skip
+    # Ctrl-C reaches the child as in a terminal: a test run started in the background (nohup, `make test &`) has
+    # SIGINT ignored, an ignored signal stays ignored across exec, and a handled one is reset to the default.
+    restore = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        restore = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ptq4ris", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGINT, restore)
 
 
 def _interrupt_after(proc: subprocess.Popen, seconds: float) -> tuple[int, str]:
