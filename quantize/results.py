@@ -20,7 +20,7 @@ from .atomic import write_atomic
 from .calibration.recipe import BIT_SETTINGS, METHODS, make_recipe
 from .distributed import Shard, launched, process_group
 
-__all__ = ["ROWS", "main", "render"]
+__all__ = ["ROWS", "cell_recipe", "main", "render"]
 
 # Row order of the table: (row key, method, recipe overrides, label).
 ROWS: list[tuple[str, str, dict, str]] = [
@@ -110,7 +110,7 @@ def _evaluate_cell(key: str, method: str, overrides: dict, bits: str, args, mode
         ]
         quantized = stock_xnnpack_quantize(model, pairs, weight_bits, act_bits)
     else:
-        recipe = _recipe(method, bits, overrides, model, calib, args.device)
+        recipe = cell_recipe(method, bits, overrides, model, calib, args.device)
         quantized, _ = calibrate(model, recipe, calib, device=args.device)
     seconds = time.perf_counter() - start
     result = evaluate(quantized, dataset, batch_size=32, device=args.device, limit=args.limit)
@@ -125,7 +125,7 @@ def _evaluate_cell(key: str, method: str, overrides: dict, bits: str, args, mode
     }
 
 
-def _recipe(method: str, bits: str, overrides: dict, model, calib, device):
+def cell_recipe(method: str, bits: str, overrides: dict, model, calib, device):
     """The cell's recipe; a ``budget_size`` override allocates weight bits under that budget first, as
     ``ptq4ris calibrate --budget-size`` does (sensitivity on the same spread of the calibration pairs)."""
     overrides = dict(overrides)

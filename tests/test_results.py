@@ -29,3 +29,26 @@ def test_render_only_writes_atomically(tmp_path):
     assert main(["--cache", str(tmp_path), "--out", str(out), "--render-only"]) == 0
     assert out.read_text().startswith("# Results")
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_budget_row_allocates_weight_bits_within_its_budget(tmp_path):
+    """A row with a ``budget_size`` override calibrates the recipe ``ptq4ris calibrate --budget-size`` would."""
+    from quantize.calibration.bit_allocation import check_budget, float_program_bytes
+    from quantize.calibration.calibrate import calibration_batch
+    from quantize.calibration.recipe import make_recipe
+    from quantize.data import open_split
+    from quantize.data.shapesref import write_shapesref
+    from quantize.results import cell_recipe
+
+    from .test_export_pte import small_model
+
+    write_shapesref(tmp_path, seed=0, split_scenes={"train": 4})
+    model = small_model()
+    calib = calibration_batch(open_split(tmp_path, "shapesref", "unc", "train", model.config), 4)
+    overrides = {"search": "none", "text_groups": 4, "pwam_groups": 2}
+    plain = make_recipe("ptq4ris-deploy", "w4a8", **overrides)
+    low, high = check_budget(model, plain, 10**12)
+    fraction = (low + high) / 2 / float_program_bytes(model)
+    recipe = cell_recipe("ptq4ris-deploy", "w4a8", {**overrides, "budget_size": f"{fraction:.4f}x"}, model, calib, "cpu")
+    assert recipe.mixed and 0 < len(recipe.layer_weight_bits)
+    assert cell_recipe("ptq4ris-deploy", "w4a8", overrides, model, calib, "cpu") == plain
