@@ -49,6 +49,8 @@ def test_budget_row_allocates_weight_bits_within_its_budget(tmp_path):
     plain = make_recipe("ptq4ris-deploy", "w4a8", **overrides)
     low, high = check_budget(model, plain, 10**12)
     fraction = (low + high) / 2 / float_program_bytes(model)
-    recipe = cell_recipe("ptq4ris-deploy", "w4a8", {**overrides, "budget_size": f"{fraction:.4f}x"}, model, calib, "cpu")
+    recipe = cell_recipe(
+        "ptq4ris-deploy", "w4a8", {**overrides, "budget_size": f"{fraction:.4f}x"}, model, calib, "cpu"
+    )
     assert recipe.mixed and 0 < len(recipe.layer_weight_bits)
     assert cell_recipe("ptq4ris-deploy", "w4a8", overrides, model, calib, "cpu") == plain
