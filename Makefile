@@ -22,7 +22,7 @@ demo: setup
 # Two workers, one test file each at a time (module fixtures are built once); the slowest tests are listed.
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 # Debian packages the device harness, the instruction counter and the report tests use (qemu-user, the aarch64
 # cross compiler, valgrind, adb, kotlin, chromium). Needs root (or sudo).
