@@ -47,6 +47,12 @@ ROWS: list[tuple[str, str, dict, str]] = [
         {"bias_correction": True},
         "PTQ4RIS deployable (GPTQ below W8) + bias correction",
     ),
+    (
+        "ptq4ris-deploy-budget-0.155x",
+        "ptq4ris-deploy",
+        {"budget_size": "0.155x"},
+        "PTQ4RIS deployable, 8-bit weights where they pay most within 0.155× the float program (W4/8A8)",
+    ),
     ("drq-only", "drq-only", {}, "DRQ only (no RORQ)"),
     ("rorq-only", "rorq-only", {}, "RORQ only (no DRQ)"),
     ("ptq4ris-pwam-plain", "ptq4ris", {"pwam": "plain"}, "PTQ4RIS, PWAM without channel groups"),
@@ -56,12 +62,6 @@ ROWS: list[tuple[str, str, dict, str]] = [
         "ptq4ris-deploy",
         {"drq_min_bits": 3, "weights": "nearest"},
         "PTQ4RIS groups and tier slices with DRQ kept at A4 (nearest weights)",
-    ),
-    (
-        "ptq4ris-deploy-budget-0.155x",
-        "ptq4ris-deploy",
-        {"budget_size": "0.155x"},
-        "PTQ4RIS deployable, 8-bit weights where they pay most within 0.155× the float program (W4/8A8)",
     ),
     (
         "ptq4ris-deploy-96-groups",
