@@ -335,13 +335,13 @@ def _instructions(rows: list[Row], cfg: BenchConfig, inputs: tuple[torch.Tensor,
 
 def _check_budgets(cfg: BenchConfig, model) -> None:
     """Each --budgets value against the model's smallest program, before anything is built."""
-    from quantize.calibration.bit_allocation import budget_bytes, check_budget, parse_budget
+    from quantize.calibration.bit_allocation import budget_bytes, parse_budget
     from quantize.calibration.recipe import make_recipe
 
     recipe = make_recipe(METHOD, BUDGET_BITS)
     for budget in cfg.budgets:
         try:
-            check_budget(model, recipe, budget_bytes(parse_budget(budget), model))
+            budget_bytes(parse_budget(budget), model, recipe)
         except UserError as e:
             raise UserError(f"--budgets {budget}: {e}") from None
 

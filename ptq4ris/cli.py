@@ -421,7 +421,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.random_weights and args.checkpoint:
         raise UserError("--random-weights and --checkpoint exclude each other: drop one")
     model = build_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)
-    budget = _budget_bytes(args.budget_size, model, recipe) if args.budget_size else None
+    if args.budget_size:  # checked against what the model's programs can be, before any data is read
+        from quantize.calibration.bit_allocation import budget_bytes
+
+        budget = budget_bytes(args.budget_size, model, recipe)
+    else:
+        budget = None
     dataset = _dataset(args, model.config)  # a split it cannot read raises with the fix (open_split)
     batch = calibration_batch(dataset, args.calib_size, default_everyday(recipe, args.everyday_expressions))
     import torch
@@ -451,15 +456,6 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         f"on {len(batch)} pairs of {args.dataset} {args.split} ({batch.description}); written to {out}"
     )
     return 0
-
-
-def _budget_bytes(budget: tuple[float, str], model, recipe) -> int:
-    """The --budget-size in bytes, checked against what the model's programs can be (before any data is read)."""
-    from quantize.calibration.bit_allocation import budget_bytes, check_budget
-
-    bytes_ = budget_bytes(budget, model)
-    check_budget(model, recipe, bytes_)
-    return bytes_
 
 
 def _add_export_args(p: argparse.ArgumentParser, kind: str, suffix: str, stages: list[str]) -> None:

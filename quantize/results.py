@@ -133,16 +133,9 @@ def cell_recipe(method: str, bits: str, overrides: dict, model, calib, device):
     recipe = make_recipe(method, bits, **overrides)
     if budget is None:
         return recipe
-    from .calibration.bit_allocation import (
-        SENSITIVITY_PAIRS,
-        allocate_weight_bits,
-        budget_bytes,
-        check_budget,
-        parse_budget,
-    )
+    from .calibration.bit_allocation import SENSITIVITY_PAIRS, allocate_weight_bits, budget_bytes, parse_budget
 
-    size = budget_bytes(parse_budget(budget), model)
-    check_budget(model, recipe, size)
+    size = budget_bytes(parse_budget(budget), model, recipe)
     recipe, _ = allocate_weight_bits(model, recipe, calib.spread(SENSITIVITY_PAIRS).chunks(32, device), size)
     return recipe
 

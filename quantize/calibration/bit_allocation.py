@@ -243,10 +243,13 @@ def parse_budget(text: str) -> tuple[float, str]:
     return value, unit
 
 
-def budget_bytes(budget: tuple[float, str], model: nn.Module) -> int:
-    """A parsed budget in bytes (a fraction is of :func:`float_program_bytes`)."""
+def budget_bytes(budget: tuple[float, str], model: nn.Module, recipe: Recipe) -> int:
+    """A parsed budget in bytes (a fraction is of :func:`float_program_bytes`), checked by :func:`check_budget`
+    against the programs ``recipe`` can give ``model`` (before any work)."""
     value, unit = budget
-    return int(value * (float_program_bytes(model) if unit == "x" else 1e6))
+    size = int(value * (float_program_bytes(model) if unit == "x" else 1e6))
+    check_budget(model, recipe, size)
+    return size
 
 
 def check_budget(model: nn.Module, recipe: Recipe, budget_bytes: int) -> tuple[int, int]:
